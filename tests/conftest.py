@@ -1,0 +1,27 @@
+"""Shared fixtures. TRITON_INTERPRET must be set before any Triton kernel is imported."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WSCLIP_NO_PROGRESS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+VOC14 = DATA / "voc12_val14"
+
+
+@pytest.fixture(scope="session")
+def voc14() -> Path:
+    """The 14 real VOC val images (513x513) with ground truth, as shipped in tests/data."""
+    return VOC14
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
