@@ -11,10 +11,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# A local CPU build of torch is taken when the machine offers one (pip's find-links);
-# otherwise pip resolves torch from the index as usual.
+# open_clip needs torchvision, whose PyPI wheels match the PyPI torch build: several GB
+# with its CUDA libraries, which also run on a CPU-only machine.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q "torch==2.13.0" 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
