@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wsclip.data.splits import read_split  # noqa: F401 - re-exported (ids, or file paths, one a line)
 from wsclip.errors import DatasetLayoutError, MissingFileError, ShapeError
 from wsclip.eval.metrics import ConfusionMatrix
 from wsclip.io import read_mask
+from wsclip.progress import progress
 
 
 def resolve_class_names(dataset: str, num_classes: int | None = None) -> list[str]:
@@ -31,12 +33,6 @@ def resolve_class_names(dataset: str, num_classes: int | None = None) -> list[st
     return names
 
 
-def read_split(path: Path) -> list[str]:
-    if not Path(path).is_file():
-        raise MissingFileError(f"split file not found: {path}")
-    return [ln.split()[0] for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 def evaluate_folders(pred_dir, gt_dir, num_classes: int, split=None, ignore_index: int = 255):
     """Confusion matrix over every id in `split` (or every PNG in gt_dir); returns (cm, count)."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
@@ -52,7 +48,7 @@ def evaluate_folders(pred_dir, gt_dir, num_classes: int, split=None, ignore_inde
             f"{len(missing)} of {len(ids)} predictions missing in {pred_dir}, e.g. {missing[0]}.png"
         )
     cm = ConfusionMatrix(num_classes, ignore_index)
-    for i in ids:
+    for i in progress(ids, desc="eval", unit="img"):
         pred, gt = read_mask(pred_dir / f"{i}.png"), read_mask(gt_dir / f"{i}.png")
         if pred.shape != gt.shape:
             raise ShapeError(f"{i}: prediction is {pred.shape[1]}x{pred.shape[0]}, ground truth {gt.shape[1]}x{gt.shape[0]}")
