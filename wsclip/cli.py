@@ -55,6 +55,547 @@ def _run_eval(args):
         atomic_write_json(args.json, {"images": n, **cm.to_dict(names)})
 
 
+# ============================================================================ command groups
+def _group(sub, name, help):
+    """Nested subparsers of the command group `name` (`wsclip train <what>`), created on first use."""
+    if name in sub.choices:
+        return sub.choices[name]._wsclip_subparsers
+    p = sub.add_parser(name, help=help)
+    p.set_defaults(group_parser=p)
+    p._wsclip_subparsers = p.add_subparsers(dest=f"{name}_command", metavar="<what>")
+    return p._wsclip_subparsers
+
+
+# ============================================================================ synth
+def _add_synth(sub):
+    p = sub.add_parser("synth", help="write the synthetic world (procedural multi-label scenes) as a VOC-layout folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (re-running resumes)")
+    p.add_argument("--train", type=int, default=2000, help="number of train images")
+    p.add_argument("--val", type=int, default=200, help="number of val images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (64 or 96)")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image files: JPEG quality 95 or lossless PNG")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(args):
+    from wsclip.data.synth import write_voc_layout
+
+    out = write_voc_layout(args.out, args.train, args.val, seed=args.seed, size=args.size, image_format=args.format)
+    print(f"wrote {args.train} train + {args.val} val synth images to {out}")
+
+
+# ============================================================================ train tiny-clip
+def _add_train_tiny_clip(sub):
+    g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
+    p = g.add_parser("tiny-clip", help="train a tiny open_clip CLIP on the synthetic world (CPU, minutes)")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors (a .json sidecar is written beside it)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default 600; 150 with --quick)")
+    p.add_argument("--batch-size", type=int, help="scenes per step, 3 views each (default 48; 32 with --quick)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a short, lower-quality run")
+    p.add_argument("--eval-n", type=int, default=200, help="val scenes for the zero-shot report (0: skip)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a saved partial training state")
+    p.set_defaults(func=_run_train_tiny_clip)
+
+
+def _run_train_tiny_clip(args):
+    from wsclip.train.tiny_clip import TinyClipConfig, train_tiny_clip
+
+    cfg = TinyClipConfig.quick(seed=args.seed, lr=args.lr) if args.quick else TinyClipConfig(seed=args.seed, lr=args.lr)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.batch_size is not None:
+        cfg.batch_size = args.batch_size
+    summary = train_tiny_clip(args.out, cfg, resume=not args.no_resume, eval_n=args.eval_n)
+    print(json.dumps(summary, indent=2))
+    print(f"saved {args.out}")
+
+
+# ============================================================================ train cam / train clims
+def _rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _add_train_cam(sub):
+    from wsclip.config import CamConfig, add_config_args
+
+    g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
+    p = g.add_parser("cam", help="baseline CAM network: GAP + multilabel soft-margin, frozen BN (CLIMS starts from it)")
+    add_config_args(p, CamConfig)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=_run_train_cam)
+
+
+def _run_train_cam(args):
+    from wsclip.config import CamConfig, config_from_args
+    from wsclip.train.baseline_cam import train_cam
+    from wsclip.train.loop import shutdown_distributed
+
+    cfg = config_from_args(CamConfig, args)
+    try:
+        path = train_cam(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if _rank0():
+        print(f"saved {path}")
+
+
+def _add_train_clims(sub):
+    from wsclip.config import ClimsConfig, add_config_args
+
+    g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
+    p = g.add_parser("clims", help="CLIMS: train the CAM network against a frozen CLIP (OTM, BTM, CBS, REG); "
+                                   "multi-GPU with torchrun")
+    add_config_args(p, ClimsConfig)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=_run_train_clims)
+
+
+def _run_train_clims(args):
+    from wsclip.config import ClimsConfig, config_from_args
+    from wsclip.train.clims import train_clims
+    from wsclip.train.loop import shutdown_distributed
+
+    cfg = config_from_args(ClimsConfig, args)
+    try:
+        path = train_clims(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if _rank0():
+        print(f"saved {path}")
+
+
+# ============================================================================ train qa-clims / train irn / qa-corpus
+def _add_train_qa_clims(sub):
+    from wsclip.config import QaClimsConfig, add_config_args
+
+    g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
+    p = g.add_parser("qa-clims", help="QA-CLIMS: train the CAM network against a frozen CLIP with VQA-answer texts "
+                                      "(FRC, BRC, REG); needs a corpus from `wsclip qa-corpus`")
+    add_config_args(p, QaClimsConfig)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=_run_train_qa_clims)
+
+
+def _run_train_qa_clims(args):
+    from wsclip.config import QaClimsConfig, config_from_args
+    from wsclip.train.loop import shutdown_distributed
+    from wsclip.train.qa_clims import train_qa_clims
+
+    cfg = config_from_args(QaClimsConfig, args)
+    try:
+        path = train_qa_clims(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if _rank0():
+        print(f"saved {path}")
+
+
+def _add_train_irn(sub):
+    from wsclip.config import IrnConfig, add_config_args
+
+    g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
+    p = g.add_parser("irn", help="IRN boundary network from CAM seeds (frozen backbone); its boundary map "
+                                 "drives the random-walk refinement")
+    add_config_args(p, IrnConfig, skip=("head_lr_mult", "sync_bn"))
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=_run_train_irn)
+
+
+def _run_train_irn(args):
+    import logging
+
+    from wsclip.config import IrnConfig, config_from_args
+    from wsclip.train.irn import train_irn
+    from wsclip.train.loop import shutdown_distributed
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_from_args(IrnConfig, args)
+    try:
+        path = train_irn(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if _rank0():
+        print(f"saved {path}")
+
+
+def _add_qa_corpus(sub):
+    p = sub.add_parser("qa-corpus", help="ask a local BLIP VQA model the QA-CLIMS questions about every "
+                                         "(image, class) and write the corpus JSON (resumes; extra [vqa])")
+    p.add_argument("--data", required=True, help="dataset: a path or voc:/coco:/folder:/synth: spec")
+    p.add_argument("--split", default="train_aug", help="split (default train_aug)")
+    p.add_argument("--model", required=True, help="folder of a Hugging Face BLIP VQA model (save_pretrained layout)")
+    p.add_argument("--out", required=True, type=Path, help="corpus JSON to write (re-running resumes it)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--images-per-batch", type=int, default=4, help="images whose questions are answered together")
+    p.add_argument("--num-beams", type=int, default=3, help="beam search width (BLIP VQA: 3)")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="longest answer in tokens")
+    p.add_argument("--save-every", type=int, default=50, help="rewrite the output every N images")
+    p.add_argument("--limit", type=int, help="only the first N images of the split")
+    p.set_defaults(func=_run_qa_corpus)
+
+
+def _run_qa_corpus(args):
+    from wsclip.data import open_dataset
+    from wsclip.train.loop import resolve_device
+    from wsclip.train.qa_corpus import build_corpus
+
+    kw = {} if str(args.data).startswith("synth:") else {"masks": False}
+    ds = open_dataset(args.data, split=args.split, **kw)
+    corpus = build_corpus(ds, args.model, args.out, device=str(resolve_device(args.device)),
+                          images_per_batch=args.images_per_batch, num_beams=args.num_beams,
+                          max_new_tokens=args.max_new_tokens, save_every=args.save_every, limit=args.limit)
+    print(f"wrote {len(corpus)} (image, class) entries for {len(corpus.images)} images to {args.out}")
+
+
+# ============================================================================ cam / eval-cam
+def _add_cam(sub):
+    p = sub.add_parser("cam", help="class activation maps for a dataset: one <id>.npz per image (resumes)")
+    p.add_argument("--method", choices=("clims", "clip-es"), default="clims",
+                   help="clims: a trained CAM network (CLIMS or baseline); clip-es: training-free CLIP-ES")
+    p.add_argument("--data", required=True, help="dataset: a path or voc:/coco:/folder:/synth: spec")
+    p.add_argument("--split", default="train", help="split to label (default train)")
+    p.add_argument("--out", required=True, type=Path, help="output folder of <id>.npz files")
+    p.add_argument("--checkpoint", type=Path, help="[clims] CAM network checkpoint (camnet.safetensors)")
+    p.add_argument("--scales", default="1.0,0.5,1.5,2.0", help="[clims] comma-separated scales (each with its flip)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--clip", type=Path, help="[clip-es] CLIP ViT checkpoint (e.g. ViT-B-16.pt or a .safetensors with sidecar)")
+    p.add_argument("--batch-size", type=int, default=8, help="[clip-es] images per forward (same rounded size)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="[clip-es] CLIP weights")
+    p.add_argument("--no-caa", action="store_true", help="[clip-es] plain GradCAM maps, no CAA refinement")
+    p.add_argument("--box-threshold", type=float, help="[clip-es] CAA box threshold (default 0.4; 0.7 for COCO)")
+    p.add_argument("--template", help="[clip-es] prompt template with {} (default 'a clean origami {}.')")
+    p.set_defaults(func=_run_cam)
+
+
+def _run_cam(args):
+    from wsclip.errors import WsclipError
+
+    if args.method == "clims":
+        from wsclip.label.clims_cam import make_cams
+
+        if args.checkpoint is None:
+            raise WsclipError("--method clims needs --checkpoint (the output of `wsclip train cam` or `wsclip train clims`)")
+        try:
+            scales = [float(s) for s in args.scales.split(",") if s.strip()]
+        except ValueError:
+            raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
+        res = make_cams(args.checkpoint, args.data, args.out, split=args.split, scales=scales,
+                        device=args.device, num_workers=args.workers, amp=args.amp)
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        return
+    if args.method == "clip-es":
+        from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
+
+        if args.clip is None:
+            raise WsclipError("--method clip-es needs --clip (a CLIP ViT checkpoint, e.g. ViT-B-16.pt)")
+        cfg = ClipEsConfig(caa=not args.no_caa, box_threshold=args.box_threshold, template=args.template,
+                           batch_size=args.batch_size)
+        res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
+                                precision=args.precision, num_workers=args.workers)
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        return
+    raise WsclipError(f"--method {args.method} is not available in this build")
+
+
+def _add_eval_cam(sub):
+    p = sub.add_parser("eval-cam", help="mIoU of CAM files against ground truth over a sweep of background thresholds")
+    p.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz CAM files")
+    p.add_argument("--gt", required=True, type=Path, help="folder of ground-truth PNG masks (<id>.png)")
+    p.add_argument("--thresholds", default="0.05:0.6:0.05", help="start:stop:step (stop included) or a list 0.1,0.15")
+    p.add_argument("--split", type=Path, help="text file of ids to evaluate (default: every .npz in --cams)")
+    p.add_argument("--dataset", default="voc", help="class names: voc, coco, or a file with one name per line")
+    p.add_argument("--num-classes", type=int, help="number of classes including background (default from --dataset)")
+    p.add_argument("--key", default="high_res", help="which map of the files to evaluate (high_res)")
+    p.add_argument("--json", type=Path, help="also write {threshold: mIoU} and the best as JSON here")
+    p.set_defaults(func=_run_eval_cam)
+
+
+def _run_eval_cam(args):
+    from wsclip.eval.evaluate import resolve_class_names
+    from wsclip.label.clims_cam import evaluate_cams, parse_thresholds
+
+    names = resolve_class_names(args.dataset, args.num_classes)
+    thresholds = parse_thresholds(args.thresholds)
+    cms = evaluate_cams(args.cams, args.gt, thresholds, num_classes=len(names), split=args.split, key=args.key)
+    table = {t: cm.miou() for t, cm in cms.items()}
+    best = max(table, key=table.get)
+    print("threshold  mIoU")
+    for t, v in table.items():
+        print(f"{t:9.3f}  {100 * v:5.1f}{'  <- best' if t == best else ''}")
+    print(cms[best].table(names))
+    if args.json:
+        from wsclip.io import atomic_write_json
+
+        atomic_write_json(args.json, {"miou": {str(t): v for t, v in table.items()}, "best_threshold": best,
+                                      "best": cms[best].to_dict(names)})
+
+
+
+# ============================================================================ train seg / segment
+def _add_train_seg(sub):
+    from wsclip.config import add_config_args
+    from wsclip.train.seg import SegConfig
+
+    g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
+    p = g.add_parser("seg", help="DeepLab segmentation network on pseudo masks (255 ignored); multi-GPU with torchrun")
+    add_config_args(p, SegConfig, skip=("resize_long",))
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.set_defaults(func=_run_train_seg)
+
+
+def _run_train_seg(args):
+    from wsclip.config import config_from_args
+    from wsclip.train.loop import shutdown_distributed
+    from wsclip.train.seg import SegConfig, train_seg
+
+    cfg = config_from_args(SegConfig, args)
+    try:
+        path = train_seg(cfg, resume=args.resume)
+    finally:
+        shutdown_distributed()
+    if _rank0():
+        print(f"saved {path}")
+
+
+def _add_segment(sub):
+    p = sub.add_parser("segment", help="label images with a trained segmentation network: <out>/<id>.png (resumes)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="seg.safetensors from `wsclip train seg`")
+    p.add_argument("--images", required=True, help="a folder of images, or a dataset path/spec (voc:DIR, coco:DIR ...)")
+    p.add_argument("--split", help="split of a dataset, or a list file of ids for a folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder of palette PNG masks")
+    p.add_argument("--scales", default="0.5,0.75,1.0", help="comma-separated test scales (probabilities averaged)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontal-flip views")
+    p.add_argument("--crf", action="store_true", help="refine with a dense CRF (needs the [crf] extra)")
+    p.add_argument("--crf-workers", type=int, help="CRF processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes decoding images")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args):
+    from wsclip.label.segment import parse_scales, segment
+
+    res = segment(args.checkpoint, args.images, args.out, split=args.split, scales=parse_scales(args.scales),
+                  flip=not args.no_flip, crf=args.crf, crf_workers=args.crf_workers, device=args.device,
+                  num_workers=args.workers, amp=args.amp)
+    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {res['total']} images)")
+
+# ============================================================================ export onnx / check / trt
+_EXPORT_HELP = "export models for deployment: ONNX, TensorRT engines, parity checks (see `wsclip export <what> --help`)"
+
+
+def _add_export_onnx(sub):
+    g = _group(sub, "export", _EXPORT_HELP)
+    p = g.add_parser("onnx", help="export a model to ONNX (+ <out>.json sidecar); checks the graph with onnx's checker")
+    p.add_argument("--model", required=True, choices=("camnet", "clip-image", "clip-text", "seg"),
+                   help="camnet: CAM labeler (normalise + CAM net + upsample + class selection); clip-image / clip-text: "
+                        "CLIP encoders; seg: segmentation labeler")
+    p.add_argument("--checkpoint", required=True, type=Path, help="the model file (CAM net, CLIP, or seg checkpoint)")
+    p.add_argument("--out", required=True, type=Path, help="output .onnx")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (17 or newer; default 17)")
+    p.add_argument("--dynamic-hw", action=argparse.BooleanOptionalAction, default=None,
+                   help="dynamic image height/width (default: on for camnet and seg, off for CLIP)")
+    p.add_argument("--batch", type=int, default=2, help="batch size to trace with (the batch axis is always dynamic)")
+    p.add_argument("--size", help="H or HxW to trace with; the fixed input size without --dynamic-hw")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), help="image input: uint8 (default) or float in [0, 1]")
+    p.add_argument("--bg-threshold", type=float, help="camnet: background score for the mask argmax (default 0.15)")
+    p.add_argument("--scales", help="camnet: comma-separated scales summed in the graph (default 1.0)")
+    p.add_argument("--flip", action="store_true", help="camnet: add horizontally flipped views")
+    p.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
+                   help="torch.onnx exporter: legacy (TorchScript, default) or dynamo (needs onnxscript)")
+    p.set_defaults(func=_run_export_onnx)
+
+
+def _run_export_onnx(args):
+    from wsclip.export.onnx import export_onnx
+    from wsclip.export.tensorrt import parse_hw
+
+    options = {}
+    if args.bg_threshold is not None:
+        options["bg_threshold"] = args.bg_threshold
+    if args.scales:
+        options["scales"] = tuple(float(s) for s in args.scales.split(","))
+    if args.flip:
+        options["flip"] = True
+    if options and args.model != "camnet":
+        raise WsclipError("--bg-threshold, --scales and --flip apply to --model camnet only")
+    meta = export_onnx(args.model, args.checkpoint, args.out, opset=args.opset, batch=args.batch,
+                       hw=parse_hw(args.size), dynamic_hw=args.dynamic_hw, input_dtype=args.input_dtype,
+                       exporter=args.exporter, **options)
+    ins = ", ".join(f"{i['name']} {i['dtype']}{tuple(i['shape'])}" for i in meta["inputs"])
+    print(f"wrote {args.out} (opset {meta['opset']}, inputs: {ins}) and {args.out.name}.json")
+
+
+def _add_export_check(sub):
+    g = _group(sub, "export", _EXPORT_HELP)
+    p = g.add_parser("check", help="compare an exported .onnx or engine with the PyTorch model (exit 1 above tolerance)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--onnx", type=Path, help="an .onnx file written by `wsclip export onnx`")
+    src.add_argument("--engine", type=Path, help="a TensorRT engine written by `wsclip export trt`")
+    p.add_argument("--checkpoint", type=Path, help="the source checkpoint (default: the path in the sidecar)")
+    p.add_argument("--images", help="a folder of real images (or a dataset folder: its labels select classes)")
+    p.add_argument("--limit", type=int, help="use at most this many real images")
+    p.add_argument("--random", type=int, default=2, help="number of random input batches (default 2)")
+    p.add_argument("--batch", type=int, default=4, help="batch size for the real images")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error of float outputs (default 1e-4)")
+    p.add_argument("--min-agreement", type=float, default=1.0,
+                   help="min fraction of decisive mask pixels that agree (default 1.0; near-ties are reported apart)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu for .onnx, cuda for engines)")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    p.set_defaults(func=_run_export_check)
+
+
+def _run_export_check(args):
+    from wsclip.export.parity import check_parity
+
+    artefact = args.onnx or args.engine
+    device = args.device or ("cuda" if args.engine else "cpu")
+    report = check_parity(artefact, args.checkpoint, images=args.images, n_random=args.random, batch=args.batch,
+                          tolerance=args.tolerance, min_agreement=args.min_agreement, device=device, limit=args.limit)
+    print(report.summary())
+    if args.json:
+        from wsclip.io import atomic_write_json
+
+        atomic_write_json(args.json, report.to_dict())
+    return 0 if report.passed else 1
+
+
+def _add_export_trt(sub):
+    g = _group(sub, "export", _EXPORT_HELP)
+    p = g.add_parser("trt", help="build a TensorRT engine from a wsclip .onnx (extra [trt]; needs an NVIDIA GPU)")
+    p.add_argument("--onnx", required=True, type=Path, help="an fp32 .onnx written by `wsclip export onnx`")
+    p.add_argument("--out", required=True, type=Path, help="output engine (.engine / .plan), with a .json sidecar")
+    prec = p.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", action="store_const", dest="precision", const="fp16",
+                      help="fp16 (the default), LayerNorm / softmax / reductions kept in fp32")
+    prec.add_argument("--fp32", action="store_const", dest="precision", const="fp32", help="fp32 (TF32 off)")
+    prec.add_argument("--int8", action="store_const", dest="precision", const="int8",
+                      help="int8 Q/DQ calibrated on --calib-images")
+    prec.add_argument("--fp8", action="store_const", dest="precision", const="fp8",
+                      help="fp8 (E4M3) Q/DQ; compute capability 8.9+ (Ada, Hopper)")
+    p.add_argument("--calib-images", help="folder of images for int8/fp8 calibration")
+    p.add_argument("--calib-cache", type=Path, help="calibration cache (reused when present; default beside --out)")
+    p.add_argument("--calib-count", type=int, default=64, help="images used for calibration (default 64)")
+    p.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--opt-batch", type=int, default=8)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--min-hw", help="HxW, models with dynamic size (default: min(opt, 256))")
+    p.add_argument("--opt-hw", help="HxW the engine is tuned for (default 512x512)")
+    p.add_argument("--max-hw", help="HxW (default: the opt size)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read if present, then updated)")
+    p.add_argument("--workspace-gib", type=float, default=4.0)
+    p.add_argument("--device", type=int, default=0, help="CUDA device index")
+    p.set_defaults(func=_run_export_trt, precision=None)
+
+
+def _run_export_trt(args):
+    from wsclip.export.tensorrt import build_engine
+
+    meta = build_engine(args.onnx, args.out, precision=args.precision or "fp16", calib_images=args.calib_images,
+                        calib_cache=args.calib_cache, calib_count=args.calib_count, calib_method=args.calib_method,
+                        min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                        min_hw=args.min_hw, opt_hw=args.opt_hw, max_hw=args.max_hw, timing_cache=args.timing_cache,
+                        workspace_gib=args.workspace_gib, device=args.device)
+    t = meta["tensorrt"]
+    print(f"wrote {args.out} ({meta['precision']}, TensorRT {t['version']}, {t['gpu']} sm {t['compute_capability']})")
+
+
+# ============================================================================ label / serve
+def _labeler_args(p):
+    """Flags that build a labeler (wsclip.serve.labelers.LabelerConfig), shared by `label` and `serve`."""
+    p.add_argument("--model", help="CAM or segmentation network: checkpoint (.safetensors), .onnx or TensorRT engine")
+    p.add_argument("--method", choices=("auto", "cam", "seg", "clip-es"), default="auto",
+                   help="auto: from the model file; clip-es needs --clip")
+    p.add_argument("--refine", choices=("none", "crf", "irn"), default="none",
+                   help="crf: dense CRF (extra [crf]); irn: random walk on an IRN boundary map (--irn)")
+    p.add_argument("--irn", help="IRN boundary checkpoint for --refine irn")
+    p.add_argument("--predict", choices=("auto", "cam", "clip", "none"), default="auto",
+                   help="how missing image-level labels are predicted: the CAM network's class scores or CLIP zero-shot")
+    p.add_argument("--clip", help="CLIP file for --predict clip and --method clip-es")
+    p.add_argument("--label-threshold", type=float, help="score threshold of predicted labels (0.5 cam, 0.25 clip)")
+    p.add_argument("--bg-threshold", type=float, help="CAM background threshold (default the model's, 0.15)")
+    p.add_argument("--scales", default="1.0", help="comma-separated test scales (CAM/seg PyTorch backend)")
+    p.add_argument("--flip", action="store_true", help="add horizontal-flip views")
+    p.add_argument("--batch-size", type=int, default=8, help="largest batch the network runs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (PyTorch backend)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch / ONNX Runtime")
+
+
+def _labeler_config(args):
+    from wsclip.serve.labelers import LabelerConfig
+
+    try:
+        scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
+    except ValueError:
+        raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
+    if not scales or min(scales) <= 0:
+        raise WsclipError(f"--scales must be positive numbers, got '{args.scales}'")
+    return LabelerConfig(model=args.model, method=args.method, device=args.device, batch_size=args.batch_size,
+                         refine=args.refine, irn=args.irn, predict=args.predict, clip=args.clip,
+                         label_threshold=args.label_threshold, bg_threshold=args.bg_threshold, scales=scales,
+                         flip=args.flip, amp=args.amp, threads=args.threads)
+
+
+def _add_label(sub):
+    p = sub.add_parser("label", help="label many images (folder, glob, list file, VOC/COCO split) into palette PNG "
+                                     "masks; pipelined, resumable; --ray scales out")
+    p.add_argument("--images", required=True, help="a folder, a glob ('photos/**/*.jpg'), a list file of paths, "
+                                                   "or a dataset (voc:DIR, coco:DIR, folder:DIR, synth:)")
+    p.add_argument("--split", help="dataset split (voc/coco), or a list file of ids for a folder dataset")
+    p.add_argument("--labels", help="image-level labels file (JSON or CSV); else the dataset's, else predicted")
+    p.add_argument("--out", required=True, type=Path, help="output folder (<id>.png, manifest.jsonl; re-running resumes)")
+    _labeler_args(p)
+    p.add_argument("--cams", action="store_true", help="also write cams/<id>.npz (the `wsclip cam` format)")
+    p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
+    p.add_argument("--rle", action="store_true", help="also write annotations.json (COCO-style RLE)")
+    p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: nvJPEG on CUDA, else PIL")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="a bad image: skip it (errors.json) or stop")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--restart", action="store_true", help="relabel everything, ignoring earlier outputs in --out")
+    p.add_argument("--ray", action="store_true", help="run on Ray Data (extra [ray]): one labeler per actor")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--concurrency", type=int, default=1, help="[ray] labeler actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="[ray] GPUs per actor (1 on GPU nodes)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="[ray] CPUs per actor")
+    p.add_argument("--ray-cpus", type=int, help="[ray] CPUs of the local Ray (default: all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_label)
+
+
+def _run_label(args):
+    from wsclip.serve.batch import LabelRunConfig, format_summary
+
+    cfg = _labeler_config(args)
+    run = LabelRunConfig(out=args.out, window=args.window, workers=args.workers, post_workers=args.post_workers,
+                         on_error=args.on_error, cams=args.cams, overlays=args.overlays, rle=args.rle,
+                         decode=args.decode, restart=args.restart)
+    if args.ray:
+        from wsclip.serve.ray_job import label_images_ray
+
+        summary = label_images_ray(cfg, args.images, run, split=args.split, labels=args.labels, limit=args.limit,
+                                   concurrency=args.concurrency, gpus_per_actor=args.gpus_per_actor,
+                                   cpus_per_actor=args.cpus_per_actor, address=args.ray_address, num_cpus=args.ray_cpus)
+    else:
+        from wsclip.serve.batch import label_images
+
+        summary = label_images(cfg, args.images, run, split=args.split, labels=args.labels, limit=args.limit)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 1 if summary["errors"] and args.on_error == "fail" else 0
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -67,6 +608,21 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         _add_doctor,
         _add_eval,
+        _add_synth,
+        _add_train_tiny_clip,
+        _add_train_cam,
+        _add_train_clims,
+        _add_train_qa_clims,
+        _add_train_irn,
+        _add_qa_corpus,
+        _add_cam,
+        _add_eval_cam,
+        _add_train_seg,
+        _add_segment,
+        _add_export_onnx,
+        _add_export_check,
+        _add_export_trt,
+        _add_label,
     ):
         add(sub)
     return parser

@@ -46,6 +46,10 @@ class ShapeError(WsclipError, ValueError):
     """Inputs whose shapes do not fit together."""
 
 
+class BackendError(WsclipError, ValueError):
+    """A compute backend that does not exist or cannot run these tensors here."""
+
+
 def require(module: str, extra: str, feature: str):
     """Import an optional module or raise MissingExtraError naming the extra to install."""
     import importlib

@@ -1,0 +1,441 @@
+"""Kernel benchmarks: each wsclip kernel against its PyTorch reference (and the random walk
+against IRN's dense formulation), at the sizes of the real jobs.
+
+    .venv/bin/python benchmarks/kernels.py [--quick | --tiny] [--threads N] [--out FILE]
+
+For every variant: median time, achieved bandwidth or FLOP rate next to the ceilings measured
+in the same run (a large copy; a large matmul), peak memory, error against the reference,
+and the speed-up ratios. On a CUDA device everything runs (Triton kernels, PyTorch paths,
+dense baselines); on the CPU only the PyTorch paths run (the Triton kernels need a GPU; the
+interpreter the tests use is orders of magnitude slower) and the report says so. Writes
+JSON (device, versions, command, all numbers) to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wsclip.io import atomic_write_json  # noqa: E402
+from wsclip.kernels import (  # noqa: E402
+    caa_propagate,
+    caa_refine,
+    caa_transition,
+    dense_random_walk,
+    masked_batch,
+    neighbor_offsets,
+    random_walk,
+)
+from wsclip.kernels.caa import caa_propagate_reference, caa_transition_reference  # noqa: E402
+from wsclip.kernels.masked_batch import masked_batch_reference  # noqa: E402
+
+MB = 1e6
+
+# Problem sizes per mode. mb: (images B, classes K, output size S, image side H, CAM side h);
+# rw: (grid side, also run the dense baseline) per device type; caa: patch-grid sides.
+SIZES = {
+    "full": {"mb": (16, 20, 224, 512, 32), "rw_cpu": [(64, True), (128, False)], "rw_gpu": [(128, True)],
+             "caa_cpu": [32, 64], "caa_gpu": [32, 64], "copy_mb": 512, "mm": 2048, "mm_gpu": 8192},
+    "quick": {"mb": (16, 20, 224, 512, 32), "rw_cpu": [(32, True), (128, False)], "rw_gpu": [(128, True)],
+              "caa_cpu": [32], "caa_gpu": [32, 64], "copy_mb": 64, "mm": 1024, "mm_gpu": 8192},
+    "tiny": {"mb": (2, 4, 32, 64, 8), "rw_cpu": [(12, True)], "rw_gpu": [(12, True)],
+             "caa_cpu": [6], "caa_gpu": [6], "copy_mb": 8, "mm": 256, "mm_gpu": 1024},
+}
+
+
+# ----------------------------------------------------------------------------- measuring
+class Meter:
+    """Times (median, CUDA events on the GPU) and peak memory on one device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._libc = None
+        if not self.cuda and Path("/proc/self/clear_refs").exists():
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                self._libc = None
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn, reps: int, warmup: int = 1, budget_s: float | None = None) -> float:
+        """Median seconds of fn() over `reps` runs (fewer when `budget_s` is exceeded)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        times = []
+        start = time.perf_counter()
+        for _ in range(reps):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                break
+        return statistics.median(times)
+
+    def peak(self, fn) -> float | None:
+        """Peak memory (MB) fn() allocates above what was allocated before it."""
+        if self.cuda:
+            self.sync()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            fn()
+            self.sync()
+            return (torch.cuda.max_memory_allocated(self.device) - base) / MB
+        if self._libc is None:
+            return None
+        # Linux: reset the peak resident set size, run, read it back
+        self._libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _proc_status("VmRSS:")
+        fn()
+        return max(0, _proc_status("VmHWM:") - base) / MB
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def ceilings(meter: Meter, quick: bool, size: dict) -> dict:
+    """Measured copy bandwidth (bytes read + written) and matmul rates on this device."""
+    dev = meter.device
+    n = size["copy_mb"] * 2**20 // 4
+    src = torch.rand(n, device=dev)
+    dst = torch.empty_like(src)
+    t = meter.time(lambda: dst.copy_(src), reps=5 if quick else 20)
+    out = {"copy_GBps": 2 * n * 4 / t / 1e9}
+    del src, dst
+    m = size["mm_gpu"] if meter.cuda else size["mm"]
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)) if meter.cuda else (("fp32", torch.float32),):
+        a = torch.rand(m, m, device=dev, dtype=dt)
+        t = meter.time(lambda: a @ a, reps=3 if quick else 10)
+        out[f"matmul_{name}_GFLOPs"] = 2 * m**3 / t / 1e9
+    if meter.cuda:
+        out["tf32_matmul_allowed"] = torch.backends.cuda.matmul.allow_tf32
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _row(kernel, variant, shape, t, meter, ceil, *, fn=None, nbytes=None, flops=None, err=None, peak=None, note=None):
+    row = {"kernel": kernel, "variant": variant, "shape": shape, "time_ms": t * 1e3}
+    if nbytes is not None:
+        row["GBps"] = nbytes / t / 1e9
+        row["pct_copy_ceiling"] = 100 * row["GBps"] / ceil["copy_GBps"]
+    if flops is not None:
+        row["GFLOPs"] = flops / t / 1e9
+        row["pct_matmul_fp32_ceiling"] = 100 * row["GFLOPs"] / ceil["matmul_fp32_GFLOPs"]
+    if peak is None and fn is not None:
+        peak = meter.peak(fn)
+    row["peak_mem_MB"] = peak
+    if err is not None:
+        row["rel_err"] = err
+    if note:
+        row["note"] = note
+    return row
+
+
+# ----------------------------------------------------------------------------- masked batch
+def bench_masked_batch(meter, ceil, quick, gpu, size):
+    dev = meter.device
+    B, K, S, H, h = size["mb"]
+    sets = []
+    for _ in range(3 if gpu else 1):  # rotate input sets on the GPU so L2 does not hold them
+        images = torch.rand(B, 3, H, H, device=dev)
+        cams = torch.rand(B, K, h, h, device=dev)
+        cls = torch.stack([torch.randperm(K)[:2] for _ in range(B)]).to(dev)
+        pairs = torch.stack([torch.arange(B, device=dev).repeat_interleave(2), cls.reshape(-1)], 1)
+        sets.append((images, cams, pairs))
+    M = pairs.shape[0]
+    shape = {"images": [B, 3, H, H], "cams": [B, K, h, h], "pairs": M, "size": S}
+    out_dtype = torch.float16 if gpu else torch.float32
+    turn = [0]
+
+    def nxt() -> int:
+        turn[0] = (turn[0] + 1) % len(sets)
+        return turn[0]
+
+    def ref():
+        i, c, p = sets[nxt()]
+        return masked_batch_reference(i, c, p, S, out_dtype=out_dtype)
+
+    def fast():
+        i, c, p = sets[nxt()]
+        return masked_batch(i, c, p, S, out_dtype=out_dtype, backend="triton")
+
+    # fewest bytes: each image and CAM read once, both outputs written once
+    nbytes = images.numel() * 4 + cams.numel() * 4 + 2 * M * 3 * S * S * torch.finfo(out_dtype).bits // 8
+    reps = 5 if quick else 20
+    rows = []
+    t_ref = meter.time(ref, reps)
+    rows.append(_row("masked_batch", "torch reference (interpolate, normalise, multiply)", shape, t_ref, meter, ceil,
+                     fn=ref, nbytes=nbytes, note=f"out {str(out_dtype)[6:]}"))
+    speed = []
+    if gpu:
+        i, c, p = sets[0]
+        err = max(_rel(a, b) for a, b in zip(masked_batch(i, c, p, S, out_dtype=torch.float32, backend="triton"),
+                                                masked_batch_reference(i, c, p, S)))
+        t_fast = meter.time(fast, reps)
+        rows.append(_row("masked_batch", "triton fused", shape, t_fast, meter, ceil, fn=fast, nbytes=nbytes, err=err,
+                         note=f"out {str(out_dtype)[6:]}; rel_err measured with fp32 output"))
+        speed.append({"kernel": "masked_batch", "fast": "triton fused", "baseline": "torch reference",
+                      "ratio": t_ref / t_fast, "target": 3.0})
+        # forward + backward, as in a CLIMS training step
+        cams_g = [c.clone().requires_grad_(True) for _, c, _ in sets]
+
+        def train_step(f):
+            def run():
+                k = nxt()
+                fg, bg = f(sets[k][0], cams_g[k], sets[k][2])
+                (fg.float().sum() + bg.float().sum()).backward()
+            return run
+
+        slow_step = train_step(lambda i, c, p: masked_batch_reference(i, c, p, S, out_dtype=out_dtype))
+        fast_step = train_step(lambda i, c, p: masked_batch(i, c, p, S, out_dtype=out_dtype, backend="triton"))
+        t_rb = meter.time(slow_step, reps)
+        t_fb = meter.time(fast_step, reps)
+        rows.append(_row("masked_batch", "torch reference fwd+bwd", shape, t_rb, meter, ceil, fn=slow_step))
+        rows.append(_row("masked_batch", "triton fwd+bwd", shape, t_fb, meter, ceil, fn=fast_step))
+        speed.append({"kernel": "masked_batch fwd+bwd", "fast": "triton", "baseline": "torch reference",
+                      "ratio": t_rb / t_fb})
+    return rows, speed
+
+
+# ----------------------------------------------------------------------------- random walk
+def _rw_inputs(dev, C, H, W, radius, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    K = len(neighbor_offsets(radius))
+    x = torch.rand(1, C, H, W, generator=g).to(dev)
+    aff = (1 - 0.3 * torch.rand(1, K, H, W, generator=g)).to(dev)  # IRN-like affinities near 1
+    return x, aff
+
+
+def _rw_cost(C, H, W, radius, exp_times):
+    K = len(neighbor_offsets(radius))
+    hw = H * W
+    steps = 2**exp_times
+    flops = steps * 2 * (2 * K + 1) * C * hw
+    nbytes = steps * 4 * hw * (2 * C + K + 1)  # per step: read x, write x', read K weights and 1/D
+    dense_flops = exp_times * 2 * hw**3 + 2 * C * hw**2
+    return flops, nbytes, dense_flops
+
+
+def bench_random_walk(meter, ceil, quick, gpu, size):
+    dev = meter.device
+    radius, beta, exp_times, C = 5, 10.0, 8, 21
+    rows, speed = [], []
+    # (grid for the stencil-vs-dense comparison, grid for the stencil alone)
+    grids = size["rw_gpu"] if gpu else size["rw_cpu"]
+    for side, with_dense in grids:
+        H = W = side
+        shape = {"C": C, "H": H, "W": W, "radius": radius, "beta": beta, "exp_times": exp_times}
+        x, aff = _rw_inputs(dev, C, H, W, radius)
+        flops, nbytes, dense_flops = _rw_cost(C, H, W, radius, exp_times)
+        reps = 2 if quick else 5
+        variants = [("torch", "torch stencil (sparse CSR)")]
+        if gpu:
+            variants += [("triton", "triton stencil"), ("triton+graph", "triton stencil, CUDA graph replay")]
+        runs = []  # (backend, name, fn, seconds, output)
+        for backend, name in variants:
+            fn = lambda b=backend: random_walk(x, aff, radius, beta, exp_times, backend=b.split("+")[0],  # noqa: E731
+                                               cuda_graph=b.endswith("graph"))
+            out = fn()
+            runs.append((backend, name, fn, meter.time(fn, reps, warmup=1 if gpu else 0, budget_s=20), out))
+        times = {r[0]: r[3] for r in runs}
+        dense_out = None
+        if with_dense:
+            dfn = lambda: dense_random_walk(x, aff, radius, beta, exp_times, dtype=torch.float32)  # noqa: E731
+            dense_out = dfn()
+            t_dense = meter.time(dfn, 3 if (gpu and not quick) else 1, warmup=0)
+            peak_dense = meter.peak(dfn)
+        for backend, name, fn, t, out in runs:
+            err = _rel(out, dense_out) if dense_out is not None else None
+            rows.append(_row("random_walk", name, shape, t, meter, ceil, fn=fn, nbytes=nbytes, flops=flops, err=err,
+                             note="rel_err vs dense IRN fp32" if err is not None else None))
+        if dense_out is not None:
+            rows.append(_row("random_walk", "dense IRN (T as HW x HW, squared exp_times times, fp32)", shape,
+                             t_dense, meter, ceil, flops=dense_flops, peak=peak_dense))
+            for (backend, name, *_), row in zip(runs, rows[-len(runs) - 1 : -1]):
+                s = {"kernel": f"random_walk {H}x{W}", "fast": name, "baseline": "dense IRN fp32",
+                     "ratio": t_dense / times[backend]}
+                if backend.startswith("triton"):
+                    s["target"] = 1000.0
+                elif not gpu and side == 64:
+                    s["target"] = 50.0
+                speed.append(s)
+                if row.get("peak_mem_MB") and peak_dense:
+                    speed.append({"kernel": f"random_walk {H}x{W}", "metric": "peak memory ratio", "fast": name,
+                                  "baseline": "dense IRN fp32", "ratio": peak_dense / row["peak_mem_MB"],
+                                  **({"target": 100.0} if backend == "triton" else {})})
+        elif not gpu:
+            est = dense_flops / (ceil["matmul_fp32_GFLOPs"] * 1e9)
+            rows.append({"kernel": "random_walk", "variant": "dense IRN (not run)", "shape": shape,
+                         "note": f"{dense_flops / 1e12:.1f} TFLOP and {3 * (H * W) ** 2 * 4 / 1e9:.1f} GB: "
+                                 f"about {est / 60:.0f} min at the measured matmul rate"})
+        if gpu and "triton" in times:
+            speed.append({"kernel": f"random_walk {H}x{W}", "fast": "triton stencil", "baseline": "torch stencil (sparse CSR)",
+                          "ratio": times["torch"] / times["triton"]})
+    return rows, speed
+
+
+# ----------------------------------------------------------------------------- CAA
+def bench_caa(meter, ceil, quick, gpu, size):
+    dev = meter.device
+    rows, speed = [], []
+    C = 3
+    sides = size["caa_gpu"] if gpu else size["caa_cpu"]
+    for side in sides:
+        N = side * side
+        shape = {"B": 1, "N": N, "classes": C}
+        attn = (torch.randn(1, N, N, device=dev) * 3).softmax(-1)
+        cams = torch.rand(1, C, side, side, device=dev)
+        masks = torch.rand(1, C, side, side, device=dev) > 0.5
+        reps = 2 if (quick or (not gpu and N >= 4096)) else 10
+        trans_flops = 2 * N**3
+        prop_bytes = 4 * N * N
+
+        def ref_all():
+            return caa_propagate_reference(caa_transition_reference(attn), cams, masks)
+
+        truth = caa_propagate_reference(caa_transition_reference(attn.double()), cams.double(), masks)
+        t_ref_t = meter.time(lambda: caa_transition_reference(attn), reps)
+        rows.append(_row("caa_transition", "torch reference (6 normalisation passes, matmul)", shape, t_ref_t,
+                         meter, ceil, fn=lambda: caa_transition_reference(attn), flops=trans_flops))
+        A = caa_transition_reference(attn)
+        t_ref_p = meter.time(lambda: caa_propagate_reference(A, cams, masks), reps)
+        rows.append(_row("caa_propagate", "torch reference (matmul, min-max)", shape, t_ref_p, meter, ceil,
+                         fn=lambda: caa_propagate_reference(A, cams, masks), nbytes=prop_bytes))
+        t_ref = meter.time(ref_all, reps)
+        rows.append(_row("caa", "torch reference transition + propagate", shape, t_ref, meter, ceil, fn=ref_all,
+                         flops=trans_flops, err=_rel(ref_all(), truth)))
+        variants = [("torch", "torch")] + ([("triton", "triton")] if gpu else [])
+        for backend, name in variants:
+            fn = lambda b=backend: caa_refine(attn, cams, masks, backend=b)  # noqa: E731
+            t = meter.time(fn, reps)
+            rows.append(_row("caa", f"caa_refine {name} (F = (V S) S, no N^3 square)", shape, t, meter, ceil, fn=fn,
+                             flops=4 * C * N * N + 12 * N * N, err=_rel(fn(), truth)))
+            speed.append({"kernel": f"caa N={N}", "fast": f"caa_refine {name}", "baseline": "torch reference transition + propagate",
+                          "ratio": t_ref / t})
+        if gpu:
+            ft = lambda: caa_transition(attn, backend="triton")  # noqa: E731
+            t_t = meter.time(ft, reps)
+            rows.append(_row("caa_transition", "triton (scale vectors, fused symmetrise, upper-triangle tl.dot)",
+                             shape, t_t, meter, ceil, fn=ft, flops=trans_flops,
+                             err=_rel(ft(), caa_transition_reference(attn.double())), note="tf32 tensor cores"))
+            speed.append({"kernel": f"caa_transition N={N}", "fast": "triton", "baseline": "torch reference (cuBLAS)",
+                          "ratio": t_ref_t / t_t})
+            fp = lambda: caa_propagate(A, cams, masks, backend="triton")  # noqa: E731
+            t_p = meter.time(fp, reps)
+            rows.append(_row("caa_propagate", "triton", shape, t_p, meter, ceil, fn=fp, nbytes=prop_bytes,
+                             err=_rel(fp(), caa_propagate_reference(A, cams, masks))))
+            speed.append({"kernel": f"caa_propagate N={N}", "fast": "triton", "baseline": "torch reference (cuBLAS)",
+                          "ratio": t_ref_p / t_p})
+    return rows, speed
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and smaller CPU baselines (under a minute on a CPU)")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes: checks that the harness runs (tests use it)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default on the CPU: 1, steady numbers on a shared machine)")
+    ap.add_argument("--only", choices=["masked_batch", "random_walk", "caa"], action="append", help="run only these")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels_<device>.json)")
+    args = ap.parse_args(argv)
+
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = dev.type == "cuda"
+    if args.threads or not gpu:
+        torch.set_num_threads(args.threads or 1)
+    torch.manual_seed(0)
+    meter = Meter(dev)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(dev) if gpu else (platform.processor() or platform.machine())
+    t0 = time.perf_counter()
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    quick = mode != "full"
+    ceil = ceilings(meter, quick, SIZES[mode])
+    rows, speed = [], []
+    for kernel, bench in (("masked_batch", bench_masked_batch), ("random_walk", bench_random_walk), ("caa", bench_caa)):
+        if args.only and kernel not in args.only:
+            continue
+        r, s = bench(meter, ceil, quick, gpu, SIZES[mode])
+        rows += r
+        speed += s
+    for s in speed:
+        if "target" in s:
+            s["met"] = s["ratio"] >= s["target"]
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": name,
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "mode": mode,
+        "paths": "all (Triton, PyTorch, dense baselines)" if gpu else
+                 "CPU: PyTorch paths only (Triton kernels need a CUDA GPU)",
+        "ceilings": ceil,
+        "results": rows,
+        "speedups": speed,
+        "seconds": time.perf_counter() - t0,
+    }
+    tag = "cuda_" + name.replace(" ", "_").lower() if gpu else "cpu"
+    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{tag}{'' if mode == 'full' else '_' + mode}.json"
+    atomic_write_json(out, result)
+
+    print(f"device: {name} ({result['paths']}); torch {torch.__version__}, triton {triton_version}, "
+          f"threads {result['threads']}")
+    print("ceilings: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in ceil.items()))
+    print(f"{'kernel':<16} {'variant':<58} {'ms':>10} {'GB/s':>8} {'GFLOP/s':>9} {'peak MB':>8} {'rel err':>8}")
+    for r in rows:
+        if "time_ms" not in r:
+            print(f"{r['kernel']:<16} {r['variant']:<58} {r.get('note', '')}")
+            continue
+        f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
+        print(f"{r['kernel']:<16} {r['variant'][:58]:<58} {r['time_ms']:>10.3f} {f('GBps', '8.1f'):>8} "
+              f"{f('GFLOPs', '9.1f'):>9} {f('peak_mem_MB', '8.1f'):>8} {f('rel_err', '8.1e'):>8}")
+    for s in speed:
+        tgt = f" (target {s['target']:g}x: {'met' if s['met'] else 'NOT met'})" if "target" in s else ""
+        print(f"{s.get('metric', 'speed-up')} {s['kernel']}: {s['fast']} vs {s['baseline']}: {s['ratio']:.1f}x{tgt}")
+    print(f"wrote {out} in {result['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

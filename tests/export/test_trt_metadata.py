@@ -1,0 +1,93 @@
+"""TensorRT engine metadata and profiles: the plain-Python checks, run without TensorRT or a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from wsclip.errors import BadFileError, MissingExtraError, ShapeError, WsclipError
+from wsclip.export.tensorrt import check_engine_metadata, check_in_profile, make_profile, parse_hw
+
+H100 = {"tensorrt": "10.9.0.34", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+ENGINE = {"format": "tensorrt", "onnx": {"path": "cam.onnx"}, "tensorrt": dict(H100, version=H100["tensorrt"])}
+CAM_META = {"model": "camnet", "inputs": [{"name": "images", "shape": ["batch", 3, "height", "width"], "dtype": "uint8"},
+                                          {"name": "labels", "shape": ["batch", 20], "dtype": "float32"}]}
+CLIP_META = {"model": "clip-image", "inputs": [{"name": "images", "shape": ["batch", 3, 224, 224], "dtype": "float32"}]}
+
+
+def test_engine_for_this_machine_is_accepted():
+    check_engine_metadata(ENGINE, H100)
+
+
+def test_other_tensorrt_version_is_refused_with_both_versions():
+    with pytest.raises(BadFileError) as err:
+        check_engine_metadata(ENGINE, {**H100, "tensorrt": "11.4.1"}, path="cam.engine")
+    msg = str(err.value)
+    assert "TensorRT 10.9.0.34" in msg and "11.4.1" in msg and "wsclip export trt --onnx cam.onnx" in msg
+
+
+def test_other_gpu_architecture_is_refused():
+    l4 = {"tensorrt": H100["tensorrt"], "gpu": "NVIDIA L4", "compute_capability": "8.9"}
+    with pytest.raises(BadFileError, match=r"compute capability 9\.0 .*this GPU is 8\.9 \(NVIDIA L4\)"):
+        check_engine_metadata(ENGINE, l4)
+    with pytest.raises(BadFileError, match=r"11\.0.*compute capability"):  # both reasons at once
+        check_engine_metadata(ENGINE, {**l4, "tensorrt": "11.0"})
+
+
+def test_same_architecture_other_gpu_model():
+    h200 = {**H100, "gpu": "NVIDIA H200"}
+    with pytest.raises(BadFileError, match="H100.*H200.*strict_gpu=False"):
+        check_engine_metadata(ENGINE, h200)
+    check_engine_metadata(ENGINE, h200, strict_gpu=False)
+
+
+def test_non_engine_and_incomplete_metadata_are_refused():
+    with pytest.raises(BadFileError, match="not a TensorRT engine"):
+        check_engine_metadata({"format": "onnx"}, H100)
+    with pytest.raises(BadFileError, match="TensorRT None"):
+        check_engine_metadata({"format": "tensorrt"}, H100)
+
+
+def test_profile_for_dynamic_models():
+    prof = make_profile(CAM_META, 1, 8, 32, min_hw="128", opt_hw="512x384", max_hw="1024x768")
+    assert prof["images"] == [[1, 3, 128, 128], [8, 3, 512, 384], [32, 3, 1024, 768]]
+    assert prof["labels"] == [[1, 20], [8, 20], [32, 20]]
+    default = make_profile(CAM_META)
+    assert default["images"] == [[1, 3, 256, 256], [8, 3, 512, 512], [32, 3, 512, 512]]
+    check_in_profile(prof, {"images": (4, 3, 300, 700), "labels": (4, 20)})
+    with pytest.raises(ShapeError, match="outside the engine's profile"):
+        check_in_profile(prof, {"images": (33, 3, 300, 300)})
+    with pytest.raises(ShapeError, match="outside"):
+        check_in_profile(prof, {"images": (4, 3, 100, 300)})
+
+
+def test_profile_for_fixed_size_models_and_bad_ranges():
+    assert make_profile(CLIP_META, 2, 4, 8)["images"] == [[2, 3, 224, 224], [4, 3, 224, 224], [8, 3, 224, 224]]
+    with pytest.raises(WsclipError, match="fixed input size"):
+        make_profile(CLIP_META, opt_hw="512")
+    with pytest.raises(WsclipError, match="min <= opt <= max"):
+        make_profile(CAM_META, 4, 2, 8)
+    with pytest.raises(WsclipError, match="per axis"):
+        make_profile(CAM_META, opt_hw="512", max_hw="256")
+
+
+def test_parse_hw():
+    assert parse_hw("512") == (512, 512) and parse_hw("480x640") == (480, 640) and parse_hw(None) is None
+    for bad in ("big", "1x2x3", "0x4"):
+        with pytest.raises(WsclipError, match="HxW"):
+            parse_hw(bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_missing_tensorrt_is_a_clear_error(cam_onnx, tmp_path, capsys):
+    from wsclip.cli import main
+    from wsclip.export.tensorrt import TrtRunner, build_engine
+
+    with pytest.raises(MissingExtraError, match=r"wsclip\[trt\]"):
+        build_engine(cam_onnx, tmp_path / "cam.engine")
+    with pytest.raises(MissingExtraError, match=r"wsclip\[trt\]"):
+        TrtRunner(tmp_path / "cam.engine")
+    assert main(["export", "trt", "--onnx", str(cam_onnx), "--out", str(tmp_path / "cam.engine")]) == 2
+    assert "wsclip[trt]" in capsys.readouterr().err
+    assert not (tmp_path / "cam.engine").exists()

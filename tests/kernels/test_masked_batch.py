@@ -1,0 +1,129 @@
+"""masked_batch: the Triton kernel (interpreter) against the plain PyTorch reference."""
+
+import warnings
+
+import pytest
+import torch
+
+from wsclip.errors import ShapeError
+from wsclip.kernels import CLIP_MEAN, CLIP_STD, masked_batch
+from wsclip.kernels.masked_batch import _interp_matrix, masked_batch_reference
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def _inputs(B=2, H=9, W=7, K=3, h=5, w=6, M=5, uint8=False, dtype=torch.float32):
+    images = torch.rand(B, 3, H, W)
+    if uint8:
+        images = (images * 255).round().to(torch.uint8)
+    else:
+        images = images.to(dtype)
+    cams = torch.rand(B, K, h, w).to(dtype)
+    pairs = torch.stack([torch.randint(0, B, (M,)), torch.randint(0, K, (M,))], 1)
+    return images, cams, pairs
+
+
+@pytest.mark.parametrize(
+    "shape, size, dtype, uint8",
+    [
+        (dict(), 11, torch.float32, False),
+        (dict(H=5, W=13, h=3, w=1), 5, torch.float32, True),  # 1-pixel-wide CAM, upsampling and downsampling
+        (dict(B=1, H=9, W=7, K=2, h=4, w=4, M=3), 7, torch.float16, False),
+        (dict(H=6, W=6, h=2, w=3, M=2), 1, torch.float32, False),  # a 1x1 output picks the top-left taps
+    ],
+)
+def test_forward_matches_reference(shape, size, dtype, uint8):
+    images, cams, pairs = _inputs(uint8=uint8, dtype=dtype, **shape)
+    fg, bg = masked_batch(images, cams, pairs, size=size, backend="triton")
+    rf, rb = masked_batch_reference(images, cams, pairs, size=size)
+    M = pairs.shape[0]
+    assert fg.shape == bg.shape == (M, 3, size, size)
+    assert fg.dtype == bg.dtype == dtype and fg.is_contiguous() and bg.is_contiguous()
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(fg, rf, atol=tol, rtol=tol)
+    torch.testing.assert_close(bg, rb, atol=tol, rtol=tol)
+
+
+def test_out_dtype_norm_and_stacked():
+    images, cams, pairs = _inputs(M=4)
+    out = masked_batch(images, cams, pairs, size=6, mean=IMAGENET[0], std=IMAGENET[1],
+                       out_dtype=torch.float16, backend="triton", stacked=True)
+    rf, rb = masked_batch_reference(images, cams, pairs, size=6, mean=IMAGENET[0], std=IMAGENET[1])
+    assert out.shape == (8, 3, 6, 6) and out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), torch.cat([rf, rb]), atol=3e-3, rtol=3e-3)
+    # the torch path stacks the same way
+    ref = masked_batch(images, cams, pairs, size=6, mean=IMAGENET[0], std=IMAGENET[1], backend="torch", stacked=True)
+    torch.testing.assert_close(ref, torch.cat([rf, rb]))
+
+
+def test_semantics_of_the_reference():
+    """A CAM of ones keeps the normalised image in fg and zeroes bg; a CAM of zeros the opposite."""
+    images = torch.rand(1, 3, 4, 5)
+    cams = torch.stack([torch.ones(4, 5), torch.zeros(4, 5)])[None]
+    fg, bg = masked_batch(images, cams, torch.tensor([[0, 0], [0, 1]]), size=4, backend="triton")
+    img = torch.nn.functional.interpolate(images, size=(4, 4), mode="bilinear", align_corners=True)
+    norm = (img[0] - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    torch.testing.assert_close(fg[0], norm)
+    torch.testing.assert_close(bg[1], norm)
+    assert fg[1].abs().max() == 0 and bg[0].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_matches_reference_autograd(dtype):
+    images, cams, _ = _inputs(B=2, H=9, W=7, K=3, h=5, w=6, dtype=dtype)
+    pairs = torch.tensor([[0, 1], [1, 2], [1, 0], [0, 1]])  # a repeated pair accumulates
+    size = 11
+    cams_t = cams.clone().requires_grad_(True)
+    cams_r = cams.clone().requires_grad_(True)
+    fg, bg = masked_batch(images, cams_t, pairs, size=size, backend="triton")
+    rf, rb = masked_batch_reference(images, cams_r, pairs, size=size)
+    gf, gb = torch.randn(fg.shape), torch.randn(bg.shape)
+    (g_t,) = torch.autograd.grad((fg.float() * gf).sum() + (bg.float() * gb).sum(), cams_t)
+    (g_r,) = torch.autograd.grad((rf.float() * gf).sum() + (rb.float() * gb).sum(), cams_r)
+    assert g_t.dtype == dtype and g_t.shape == cams.shape
+    assert g_t[0, 0].abs().max() == 0 and g_t[1, 1].abs().max() == 0  # classes not in pairs get nothing
+    tol = 3e-2 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(g_t.float(), g_r.float(), atol=tol, rtol=tol)
+
+
+def test_gradcheck_of_the_triton_backward():
+    images = torch.rand(1, 3, 5, 4)
+    cams = torch.rand(1, 2, 3, 2, requires_grad=True)
+    pairs = torch.tensor([[0, 1], [0, 0]])
+
+    def fn(c):
+        return masked_batch(images, c, pairs, size=4, backend="triton", stacked=True)
+
+    with warnings.catch_warnings():  # fp32 inputs: gradcheck prefers double, the kernel computes fp32
+        warnings.simplefilter("ignore")
+        assert torch.autograd.gradcheck(fn, (cams,), eps=1e-2, atol=2e-3, rtol=1e-2, fast_mode=True)
+
+
+def test_interp_matrix_is_the_resize():
+    v = torch.rand(7, 5)
+    ry, rx = _interp_matrix(7, 10, "cpu"), _interp_matrix(5, 3, "cpu")
+    ref = torch.nn.functional.interpolate(v[None, None], size=(10, 3), mode="bilinear", align_corners=True)[0, 0]
+    torch.testing.assert_close(ry @ v @ rx.t(), ref)
+
+
+def test_empty_pairs():
+    images, cams, _ = _inputs()
+    cams.requires_grad_(True)
+    pairs = torch.zeros(0, 2, dtype=torch.long)
+    for backend in ("triton", "torch"):
+        fg, bg = masked_batch(images, cams, pairs, size=5, backend=backend)
+        assert fg.shape == bg.shape == (0, 3, 5, 5)
+        (g,) = torch.autograd.grad(fg.sum() + bg.sum(), cams, allow_unused=True, materialize_grads=True)
+        assert g.shape == cams.shape and g.abs().max() == 0
+
+
+def test_bad_inputs_are_user_errors():
+    images, cams, pairs = _inputs(B=2, K=3)
+    with pytest.raises(ShapeError, match="classes 0..2"):
+        masked_batch(images, cams, torch.tensor([[0, 3]]), backend="torch")
+    with pytest.raises(ShapeError, match="images 0..1"):
+        masked_batch(images, cams, torch.tensor([[2, 0]]), backend="triton")
+    with pytest.raises(ShapeError, match=r"\(B, 3, H, W\)"):
+        masked_batch(images[:, :2], cams, pairs)
+    with pytest.raises(ShapeError, match="integer"):
+        masked_batch(images, cams, pairs.float())

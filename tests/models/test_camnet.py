@@ -1,0 +1,112 @@
+"""CAM network: output stride 16 for any size, modes, frozen stem, checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from wsclip.errors import CheckpointError, WsclipError
+from wsclip.models.camnet import build_camnet, load_camnet, save_camnet
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (65, 97), (33, 17), (16, 16), (1, 1)])
+def test_tiny_output_stride_16_any_size(hw):
+    net = build_camnet("tiny", num_classes=5).eval()
+    out = net(torch.randn(2, 3, *hw))
+    assert out.shape == (2, 5, math.ceil(hw[0] / 16), math.ceil(hw[1] / 16))
+
+
+def test_resnet50_stride_16_without_dilation():
+    net = build_camnet("resnet50", num_classes=20).eval()
+    b4 = net.backbone.layer4[0]
+    assert b4.conv2.stride == (1, 1) and b4.downsample[0].stride == (1, 1)
+    assert all(m.dilation == (1, 1) for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert net.backbone.layer3[0].conv2.stride == (2, 2)
+    assert net.classifier.weight.shape == (20, 2048, 1, 1) and net.classifier.bias is None
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, 80, 48)).shape == (1, 20, 5, 3)
+
+
+def test_modes_classify_and_param_groups():
+    net = build_camnet("tiny", num_classes=4).eval()
+    x = torch.randn(3, 3, 48, 40)
+    with torch.no_grad():
+        raw = net(x)
+        torch.testing.assert_close(net.cam(x, "relu"), raw.clamp(min=0))
+        torch.testing.assert_close(net.cam(x, "sigmoid"), torch.sigmoid(raw))
+        torch.testing.assert_close(net.classify(x), raw.mean(dim=(2, 3)))
+    with pytest.raises(WsclipError):
+        net.cam(x, "softmax")
+    back, head = net.param_groups()
+    assert head == [net.classifier.weight]
+    frozen = {id(p) for p in (*net.backbone.conv1.parameters(), *net.backbone.bn1.parameters())}
+    assert frozen and not frozen & {id(p) for p in back}
+    assert len(back) + len(head) + len(frozen) == len(list(net.parameters()))
+
+
+def test_stem_bn_and_freeze_bn_stay_in_eval():
+    net = build_camnet("tiny", num_classes=3)
+    net.train()
+    assert not net.backbone.bn1.training and net.backbone.layer1[0].bn1.training
+    stats = net.backbone.layer2[0].bn1.running_mean.clone()
+    net.freeze_bn().train()
+    assert not any(m.training for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    net(torch.randn(2, 3, 32, 32))
+    torch.testing.assert_close(net.backbone.layer2[0].bn1.running_mean, stats)
+
+
+def test_checkpoint_reloads_identically(tmp_path):
+    net = build_camnet("tiny", num_classes=3)
+    net.train()
+    net(torch.randn(4, 3, 32, 32))  # move BN running statistics away from their init
+    path = tmp_path / "cam.safetensors"
+    save_camnet(path, net, ["a", "b", "c"], preset="synth", extra={"note": 1})
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["kind"] == "camnet" and meta["backbone"] == "tiny" and meta["num_classes"] == 3
+    assert meta["classes"] == ["a", "b", "c"] and meta["preset"] == "synth" and "wsclip_version" in meta
+    loaded, meta2 = load_camnet(path)
+    assert meta2["classes"] == ["a", "b", "c"] and not loaded.training
+    for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    x = torch.randn(2, 3, 45, 61)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), loaded(x))
+
+
+def test_wrong_checkpoints_are_clear_errors(tmp_path):
+    from wsclip.io import save_checkpoint
+
+    net = build_camnet("tiny", num_classes=3)
+    other = tmp_path / "clip.safetensors"
+    save_checkpoint(other, {"w": torch.zeros(2)}, {"kind": "clip", "name": "x"})
+    with pytest.raises(CheckpointError, match="'clip' checkpoint, not a CAM network"):
+        load_camnet(other)
+    # sidecar claims another architecture than the weights
+    path = tmp_path / "cam.safetensors"
+    save_camnet(path, net, ["a", "b", "c"])
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "num_classes": 5}))
+    with pytest.raises(CheckpointError, match="does not match a tiny CAM network with 5 classes"):
+        load_camnet(path)
+    with pytest.raises(WsclipError):
+        save_camnet(path, net, ["a"])
+    with pytest.raises(WsclipError, match="unknown CAM backbone"):
+        build_camnet("vgg16")
+
+
+def test_pretrained_state_dict_loading(tmp_path):
+    src = build_camnet("resnet18", num_classes=2)
+    import torchvision
+
+    tv = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(tv.state_dict(), path)
+    net = build_camnet("resnet18", num_classes=2, pretrained=path)
+    torch.testing.assert_close(net.backbone.layer3[0].conv1.weight, tv.layer3[0].conv1.weight)
+    assert not torch.equal(src.backbone.layer3[0].conv1.weight, net.backbone.layer3[0].conv1.weight)
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, bad)
+    with pytest.raises(CheckpointError):
+        build_camnet("resnet18", num_classes=2, pretrained=bad)

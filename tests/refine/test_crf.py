@@ -1,0 +1,92 @@
+"""Dense CRF: posterior sanity, parallel == serial, compat image, missing extra, real VOC images."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsclip.errors import MissingExtraError, ShapeError
+from wsclip.refine import crf
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _two_region_case(h=37, w=53, seed=0):
+    """A left/right two-colour image with noisy, boundary-shifted scores."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((h, w, 3), np.uint8)
+    image[:, : w // 2] = (200, 30, 30)
+    image[:, w // 2 :] = (20, 40, 210)
+    image = np.clip(image + rng.integers(-2, 3, image.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros((h, w), np.int64)
+    truth[:, w // 2 :] = 1
+    fg = np.zeros((h, w), np.float32)
+    fg[:, w // 2 - 6 :] = 0.7  # the score boundary is 6 px off the colour edge
+    fg = np.clip(fg + 0.25 * rng.standard_normal((h, w)), 0, 1).astype(np.float32)
+    return image, np.stack([1 - fg, fg]), truth
+
+
+def test_posterior_is_a_distribution_and_snaps_to_colour_edge():
+    image, probs, truth = _two_region_case()
+    q = crf.dense_crf(image, probs)
+    assert q.shape == probs.shape and q.dtype == np.float32
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    before = (probs.argmax(0) == truth).mean()
+    after = (q.argmax(0) == truth).mean()
+    assert before < 0.9 and after > 0.98
+
+
+def test_parallel_equals_serial():
+    cases = [_two_region_case(h, w, s) for s, (h, w) in enumerate([(17, 23), (31, 12), (9, 40)])]
+    images, probs = [c[0] for c in cases], [c[1] for c in cases]
+    serial = list(crf.dense_crf_many(images, probs, workers=1))
+    parallel = list(crf.dense_crf_many(images, probs, workers=2))
+    assert len(parallel) == 3
+    for a, b, p in zip(serial, parallel, probs):
+        assert a.shape == p.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_uint8_wrap_matches_direct_formula():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    got = crf.crf_image(image, uint8_wrap=True)
+    mean = np.array([122.675, 116.669, 104.008])
+    expected = np.array([[[int(v - m) % 256 for v, m in zip(px, mean)] for px in row] for row in image])
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(crf.crf_image(image), image)
+    # the compatibility image changes the result but still gives a distribution
+    img, probs, _ = _two_region_case()
+    q = crf.dense_crf(img, probs, crf.CRFParams(uint8_wrap=True))
+    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+
+
+def test_confidence_filter_and_shape_errors():
+    q = np.array([[[0.97, 0.5]], [[0.03, 0.5]]], np.float32)  # (2, 1, 2)
+    np.testing.assert_array_equal(crf.posterior_labels(q, confidence=0.95), [[0, 255]])
+    np.testing.assert_array_equal(crf.posterior_labels(q), [[0, 0]])
+    with pytest.raises(ShapeError):
+        crf.dense_crf(np.zeros((4, 4, 3), np.uint8), np.ones((2, 4, 5), np.float32))
+    with pytest.raises(ShapeError):
+        crf.dense_crf(np.zeros((4, 4, 3), np.uint8), np.ones((4, 4), np.float32))
+
+
+def test_missing_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)  # makes the import fail
+    with pytest.raises(MissingExtraError, match=r"wsclip\[crf\]"):
+        crf.check_available()
+    with pytest.raises(MissingExtraError, match="pydensecrf2"):
+        crf.dense_crf(np.zeros((4, 4, 3), np.uint8), np.ones((2, 4, 4), np.float32))
+
+
+def test_crf_raises_miou_on_real_voc_images(voc14):
+    """Degraded ground truth -> CRF with the real image: mIoU rises (2 images for speed; all 14 in benchmarks/crf_voc14.py)."""
+    spec = importlib.util.spec_from_file_location("crf_voc14", ROOT / "benchmarks" / "crf_voc14.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ids = ["2008_007814", "2009_001314"]
+    before, after, _ = bench.evaluate(ids, workers=2, root=voc14)
+    assert 0.3 < before < 0.95
+    assert after > before + 0.01

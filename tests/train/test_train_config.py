@@ -1,0 +1,66 @@
+"""Configs: presets exactly per METHODS.md, YAML round trip, CLI flags override 1:1."""
+
+import argparse
+
+import pytest
+
+from wsclip import vocab
+from wsclip.config import (CamConfig, ClimsConfig, add_config_args, config_from_args, from_preset, load_yaml,
+                           save_yaml)
+from wsclip.errors import WsclipError
+
+
+def test_clims_presets_match_methods():
+    voc = from_preset(ClimsConfig, "voc-official")
+    assert (voc.alpha, voc.beta, voc.gamma, voc.delta, voc.tau) == (10, 24, 1, 0.2, 0.26)
+    assert (voc.lr, voc.batch_size, voc.epochs, voc.head_lr_mult) == (2.5e-4, 16, 15, 10)
+    assert voc.background == vocab.CLIMS_VOC_BACKGROUND and voc.class_names[14] == "player"
+    assert voc.preset == "voc-official" and voc.sync_bn
+    coco = from_preset(ClimsConfig, "coco-official")
+    assert (coco.alpha, coco.beta, coco.gamma, coco.delta, coco.tau) == (2, 14, 1.25, 0.2, 0.285)
+    assert (coco.lr, coco.batch_size, coco.epochs) == (5e-4, 32, 8)
+    assert len(coco.background) == 88 and coco.class_names == vocab.COCO_CLASSES
+    paper = from_preset(ClimsConfig, "voc-paper")
+    assert (paper.alpha, paper.beta, paper.gamma, paper.delta) == (10, 25, 29.5, 1.15)
+    assert paper.background_per_class["boat"] == ["river", "water", "lake", "sea", "building"]
+    assert set(paper.background) == {w for ws in vocab.CLIMS_PAPER_VOC_BACKGROUND.values() for w in ws}
+    for name in ("voc-official", "coco-official", "voc-paper"):
+        c = from_preset(ClimsConfig, name)
+        assert (c.momentum, c.weight_decay, c.poly_power, c.crop, c.resize_long) == (0.9, 1e-4, 0.9, 512, (320, 640))
+    cam = from_preset(CamConfig, "voc-official")
+    assert (cam.lr, cam.batch_size, cam.epochs, cam.freeze_bn) == (0.1, 16, 5, True)
+    assert from_preset(ClimsConfig, "synth").backbone == "tiny"
+    with pytest.raises(WsclipError, match="unknown preset"):
+        from_preset(ClimsConfig, "voc")
+
+
+def test_yaml_round_trip_and_unknown_keys(tmp_path):
+    cfg = from_preset(ClimsConfig, "voc-paper", lr=1e-3, max_steps=7)
+    save_yaml(cfg, tmp_path / "c.yaml")
+    assert load_yaml(ClimsConfig, tmp_path / "c.yaml") == cfg
+    (tmp_path / "bad.yaml").write_text("lr: 0.1\nlearning_rate: 3\n")
+    with pytest.raises(WsclipError, match="learning_rate"):
+        load_yaml(ClimsConfig, tmp_path / "bad.yaml")
+
+
+def test_flags_override_yaml_override_preset(tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.002\nbatch_size: 8\n")
+    p = argparse.ArgumentParser()
+    add_config_args(p, ClimsConfig)
+    args = p.parse_args(["--preset", "coco-official", "--config", str(tmp_path / "c.yaml"), "--batch-size", "4",
+                         "--resize-long", "64", "96", "--no-amp", "--background", "sky", "sea",
+                         "--background-per-class", '{"boat": ["sea"]}'])
+    cfg = config_from_args(ClimsConfig, args)
+    assert cfg.lr == 0.002 and cfg.batch_size == 4 and cfg.tau == 0.285  # flag > yaml > preset
+    assert cfg.resize_long == (64, 96) and cfg.amp is False and cfg.background == ("sky", "sea")
+    assert cfg.background_per_class == {"boat": ["sea"]} and cfg.preset == "coco-official"
+    # no flags: exactly the defaults
+    assert config_from_args(CamConfig, _parse(CamConfig, [])) == CamConfig()
+    with pytest.raises(WsclipError, match="batch_size"):
+        config_from_args(CamConfig, _parse(CamConfig, ["--batch-size", "0"]))
+
+
+def _parse(cls, argv):
+    p = argparse.ArgumentParser()
+    add_config_args(p, cls)
+    return p.parse_args(argv)

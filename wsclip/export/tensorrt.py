@@ -1,0 +1,294 @@
+"""`wsclip export trt`: TensorRT engines from wsclip's ONNX exports, and a runner (extra `[trt]`).
+
+NOT RUN IN THIS PROJECT'S CI: TensorRT cannot be installed on the development machines, so
+`build_engine` and `TrtRunner` are written against the documented TensorRT 10/11 Python API
+and have not been executed here. The plain-Python parts (profile arithmetic, the metadata
+check that refuses engines built for another GPU or TensorRT version) are tested without it.
+
+Precision lives in the graph (strongly typed networks: required by TensorRT 11, opt-in on 10):
+`wsclip.export.precision` writes the fp16 graph (LayerNorm, softmax, reductions kept fp32)
+or the int8/fp8 Q/DQ graph (calibrated on user images, calibration cache reused), and the
+builder takes it as it is. fp32 engines are built with TF32 off so they match PyTorch.
+
+Engine sidecar (`<engine>.json`): the ONNX sidecar's model description plus TensorRT version,
+GPU name and compute capability, precision, optimisation profile and the engine's SHA-256.
+`TrtRunner` checks all of it before deserialising; a mismatch is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from wsclip.errors import BadFileError, ShapeError, WsclipError
+from wsclip.export.ort import TORCH_DTYPES, ArtefactRunner
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer
+_TRT_DTYPE_NAMES = {"uint8": "UINT8", "float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64"}
+
+
+# ============================================================================ plain Python (tested)
+def parse_hw(text) -> tuple[int, int] | None:
+    """'512' or '512x384' (H x W) -> (H, W); None stays None."""
+    if text is None or isinstance(text, (tuple, list)):
+        return None if text is None else (int(text[0]), int(text[1]))
+    parts = str(text).lower().replace(",", "x").split("x")
+    try:
+        hw = (int(parts[0]), int(parts[-1]))
+    except ValueError:
+        raise WsclipError(f"size '{text}' is not H or HxW (e.g. 512 or 512x384)") from None
+    if len(parts) > 2 or min(hw) < 1:
+        raise WsclipError(f"size '{text}' is not H or HxW (e.g. 512 or 512x384)")
+    return hw
+
+
+def make_profile(meta: dict, min_batch: int = 1, opt_batch: int = 8, max_batch: int = 32,
+                 min_hw=None, opt_hw=None, max_hw=None) -> dict[str, list[list[int]]]:
+    """Concrete (min, opt, max) shapes per input of an ONNX sidecar: {name: [min, opt, max]}."""
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise WsclipError(f"batch sizes must satisfy 1 <= min <= opt <= max, got {min_batch}/{opt_batch}/{max_batch}")
+    dynamic_hw = any(isinstance(d, str) and d in ("height", "width") for s in meta["inputs"] for d in s["shape"])
+    if dynamic_hw:
+        opt = parse_hw(opt_hw) or (512, 512)
+        lo, hi = parse_hw(min_hw) or (min(opt[0], 256), min(opt[1], 256)), parse_hw(max_hw) or opt
+        if not all(lo[i] <= opt[i] <= hi[i] for i in (0, 1)):
+            raise WsclipError(f"sizes must satisfy min <= opt <= max per axis, got {lo} / {opt} / {hi}")
+    elif any(v is not None for v in (min_hw, opt_hw, max_hw)):
+        raise WsclipError(f"this {meta['model']} model has a fixed input size; drop --min/--opt/--max-hw")
+    else:
+        lo = opt = hi = (0, 0)
+    profile = {}
+    for spec in meta["inputs"]:
+        shapes = []
+        for b, hw in ((min_batch, lo), (opt_batch, opt), (max_batch, hi)):
+            dims = {"batch": b, "height": hw[0], "width": hw[1]}
+            shapes.append([dims[d] if isinstance(d, str) else int(d) for d in spec["shape"]])
+        profile[spec["name"]] = shapes
+    return profile
+
+
+def check_in_profile(profile: dict, shapes: dict[str, Sequence[int]]) -> None:
+    """Refuse input shapes outside the engine's optimisation profile, saying what fits."""
+    for name, shape in shapes.items():
+        lo, _, hi = profile[name]
+        if len(shape) != len(lo) or any(not a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            raise ShapeError(f"input '{name}' has shape {tuple(shape)}, outside the engine's profile "
+                             f"{tuple(lo)} .. {tuple(hi)}: split the batch, resize, or rebuild with other "
+                             "--min/--max-batch / --min/--max-hw")
+
+
+def check_engine_metadata(meta: dict, env: dict, strict_gpu: bool = True, path="engine") -> None:
+    """Refuse an engine built for another TensorRT version or GPU; the error says why.
+
+    `env` is `engine_environment()` of this machine: {"tensorrt", "gpu", "compute_capability"}.
+    TensorRT engines are only valid for the exact TensorRT version and GPU architecture
+    (compute capability) they were built with; with strict_gpu another GPU model of the same
+    architecture is refused too, as its tactics were timed on different hardware.
+    """
+    if meta.get("format") != "tensorrt":
+        raise BadFileError(f"{path} is a '{meta.get('format')}' artefact, not a TensorRT engine")
+    built = meta.get("tensorrt") or {}
+    reasons = []
+    if str(built.get("version")) != str(env.get("tensorrt")):
+        reasons.append(f"it was built with TensorRT {built.get('version')} and this machine has {env.get('tensorrt')}")
+    if str(built.get("compute_capability")) != str(env.get("compute_capability")):
+        reasons.append(f"it was built for compute capability {built.get('compute_capability')} "
+                       f"({built.get('gpu')}) and this GPU is {env.get('compute_capability')} ({env.get('gpu')})")
+    elif strict_gpu and built.get("gpu") != env.get("gpu"):
+        reasons.append(f"it was built on a {built.get('gpu')} and this GPU is a {env.get('gpu')} "
+                       "(same architecture: pass strict_gpu=False to use it anyway)")
+    if reasons:
+        src = (meta.get("onnx") or {}).get("path", "the .onnx")
+        raise BadFileError(f"refusing TensorRT engine {path}: " + "; ".join(reasons) +
+                           f". Rebuild it on this machine: wsclip export trt --onnx {src} --out {path}")
+
+
+# ============================================================================ TensorRT (not run in CI)
+def _trt():
+    from wsclip.errors import require
+
+    return require("tensorrt", "trt", "TensorRT export")
+
+
+def engine_environment(device: int = 0) -> dict:
+    """TensorRT version, GPU name and compute capability of this machine."""
+    trt = _trt()
+    if not torch.cuda.is_available():
+        raise WsclipError("TensorRT engines need a CUDA GPU, and none is visible here")
+    props = torch.cuda.get_device_properties(device)
+    return {"tensorrt": trt.__version__, "gpu": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def build_engine(onnx_path, out, *, precision: str = "fp16", calib_images=None, calib_cache=None,
+                 calib_count: int = 64, calib_method: str = "minmax", min_batch: int = 1, opt_batch: int = 8,
+                 max_batch: int = 32, min_hw=None, opt_hw=None, max_hw=None, timing_cache=None,
+                 workspace_gib: float = 4.0, device: int = 0) -> dict:  # pragma: no cover - needs TensorRT
+    """Build a TensorRT engine from a wsclip ONNX export; returns the engine's sidecar.
+
+    precision: fp32 | fp16 | int8 | fp8 (fp8 only on compute capability 8.9+). int8/fp8 need
+    `calib_images` or an existing `calib_cache`. `timing_cache` is read if present and written back.
+    """
+    from wsclip import __version__
+    from wsclip.export import precision as prec
+    from wsclip.export.onnx import sidecar_of, verify_artefact
+    from wsclip.io import atomic_write_bytes, atomic_write_json, file_sha256
+
+    trt = _trt()
+    onnx_path, out = Path(onnx_path), Path(out)
+    if out.suffix not in ENGINE_SUFFIXES:
+        raise WsclipError(f"--out must end in one of {', '.join(ENGINE_SUFFIXES)}, got {out}")
+    if precision not in prec.PRECISIONS:
+        raise WsclipError(f"unknown precision '{precision}': use one of {', '.join(prec.PRECISIONS)}")
+    src = verify_artefact(onnx_path)
+    if src.get("precision", "fp32") != "fp32":
+        raise WsclipError(f"{onnx_path} is already a {src['precision']} graph: pass the fp32 export and a precision flag")
+    env = engine_environment(device)
+    cc = tuple(int(v) for v in env["compute_capability"].split("."))
+    if precision == "fp8" and cc < FP8_MIN_CAPABILITY:
+        raise WsclipError(f"fp8 needs compute capability 8.9 or newer (Ada, Hopper); this {env['gpu']} is "
+                          f"{env['compute_capability']}: use --int8 or --fp16")
+    profile = make_profile(src, min_batch, opt_batch, max_batch, min_hw, opt_hw, max_hw)
+
+    typed = onnx_path
+    if precision == "fp16":
+        typed = out.with_name(out.stem + ".fp16.onnx")
+        prec.to_fp16(onnx_path, typed)
+    elif precision in ("int8", "fp8"):
+        typed = out.with_name(f"{out.stem}.{precision}.onnx")
+        prec.quantize(onnx_path, typed, precision, images=calib_images, count=calib_count, method=calib_method,
+                      cache=calib_cache or out.with_name(f"{out.stem}.{precision}.calib"),
+                      hw=profile[src["inputs"][0]["name"]][1][2:] if src.get("dynamic_hw") else None)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    with torch.cuda.device(device):
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(os.fspath(typed)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BadFileError(f"TensorRT cannot parse {typed}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+        if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+            config.clear_flag(trt.BuilderFlag.TF32)  # fp32 engines should match PyTorch fp32
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(opt_profile)
+        cache_file = Path(timing_cache) if timing_cache else None
+        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file and cache_file.is_file() else b"")
+        config.set_timing_cache(cache, False)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise WsclipError("TensorRT could not build the engine; its log above says why")
+        atomic_write_bytes(out, bytes(plan))
+        if cache_file is not None:
+            atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
+
+    keep = ("model", "inputs", "outputs", "dynamic_hw", "classes", "normalisation", "config", "source", "opset")
+    meta = {
+        "kind": src["kind"], "format": "tensorrt", **{k: src.get(k) for k in keep},
+        "precision": precision,
+        "onnx": {"path": os.fspath(onnx_path), "sha256": src.get("sha256"), "typed_graph": os.fspath(typed)},
+        "tensorrt": {"version": env["tensorrt"], "gpu": env["gpu"], "compute_capability": env["compute_capability"]},
+        "profile": profile,
+        "timing_cache": os.fspath(timing_cache) if timing_cache else None,
+        "size": out.stat().st_size, "sha256": file_sha256(out),
+        "versions": {"wsclip": __version__, "torch": torch.__version__, "tensorrt": env["tensorrt"]},
+    }
+    atomic_write_json(sidecar_of(out), meta)
+    return meta
+
+
+class TrtRunner(ArtefactRunner):  # pragma: no cover - needs TensorRT and a GPU
+    """A TensorRT engine with the labeler interface; torch CUDA tensors are the bindings.
+
+    Runs on its own CUDA stream (ordered after torch's current stream and back). With
+    `cuda_graphs=True` each new input shape is run once, captured as a CUDA graph, and
+    replayed afterwards (inputs copied into the graph's static buffers).
+    """
+
+    def __init__(self, path, device: int = 0, cuda_graphs: bool = False, strict_gpu: bool = True):
+        from wsclip.export.onnx import verify_artefact
+
+        trt = _trt()
+        self.path = Path(path)
+        meta = verify_artefact(self.path)
+        check_engine_metadata(meta, engine_environment(device), strict_gpu, self.path)
+        super().__init__(meta)
+        self.device = torch.device("cuda", device)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs: dict = {}
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self.engine is None:
+                raise BadFileError(f"TensorRT cannot deserialise {self.path}; rebuild it with `wsclip export trt`")
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(self.device)
+        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        if names != set(self.input_names) | set(self.output_names):
+            raise BadFileError(f"{self.path} has tensors {sorted(names)}, its sidecar lists "
+                               f"{sorted(set(self.input_names) | set(self.output_names))}: rebuild the engine")
+        for spec in self.input_specs + self.output_specs:
+            got = self.engine.get_tensor_dtype(spec["name"]).name
+            if got != _TRT_DTYPE_NAMES[spec["dtype"]]:
+                raise BadFileError(f"{self.path}: tensor '{spec['name']}' is {got}, expected {spec['dtype']}")
+
+    def _bind(self, inputs: list[torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        for spec, t in zip(self.input_specs, inputs):
+            self.context.set_input_shape(spec["name"], tuple(t.shape))
+            self.context.set_tensor_address(spec["name"], t.data_ptr())
+        for name, t in outputs.items():
+            self.context.set_tensor_address(name, t.data_ptr())
+
+    def _alloc(self, shapes: dict) -> dict[str, torch.Tensor]:
+        return {s["name"]: torch.empty(shapes[s["name"]], dtype=TORCH_DTYPES[s["dtype"]], device=self.device)
+                for s in self.output_specs}
+
+    def _enqueue(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise WsclipError("TensorRT failed to run the engine; its log above says why")
+
+    def run_torch(self, x, labels=None) -> dict[str, torch.Tensor]:
+        arrays = self.convert_inputs(x, labels)
+        inputs = [(a if isinstance(a, torch.Tensor) else torch.from_numpy(a)).to(self.device).contiguous() for a in arrays]
+        check_in_profile(self.meta["profile"], {s["name"]: tuple(t.shape) for s, t in zip(self.input_specs, inputs)})
+        shapes = self.output_shapes(inputs)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            if self.cuda_graphs:
+                outs = self._replay(inputs, shapes)
+            else:
+                outs = self._alloc(shapes)
+                self._bind(inputs, outs)
+                self._enqueue()
+            for t in (*inputs, *outs.values()):
+                t.record_stream(self.stream)
+        caller.wait_stream(self.stream)
+        return outs
+
+    def _replay(self, inputs: list[torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
+        key = tuple(tuple(t.shape) for t in inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_in = [t.clone() for t in inputs]
+            static_out = self._alloc(shapes)
+            self._bind(static_in, static_out)
+            self._enqueue()  # one plain run after a shape change, before capture (TensorRT's rule)
+            self.stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                self._enqueue()
+            entry = self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = entry
+        for dst, src in zip(static_in, inputs):
+            dst.copy_(src, non_blocking=True)
+        graph.replay()
+        return {k: v.clone() for k, v in static_out.items()}

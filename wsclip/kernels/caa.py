@@ -1,0 +1,262 @@
+"""CLIP-ES class-aware attention affinity (CAA): the transition and the box-masked propagation.
+
+METHODS.md section 5. From the averaged attention W (B, N, N), N = h*w patches row-major:
+`iters` rounds of D = D / column sums, D = D / row sums; S = (D + D^T) / 2; A = S @ S.
+For each class c with CAM M_c and box mask b_c: F_c = A @ (b_c * vec(M_c)), then min-max
+normalised per class, (F - min) / (max - min + EPS) with EPS = 1e-7 as CLIP-ES does.
+
+The alternating normalisation keeps D = diag(r) W diag(c), so the fast paths compute the
+scale vectors with 2 * iters matrix-vector products (c = 1 / (W^T r), r = 1 / (W c)) instead
+of rewriting D 2 * iters times. The Triton transition forms S on the fly from W, r and c
+inside a `tl.dot` tiled product and computes only the tiles on and above the diagonal
+(A is symmetric), writing each off-diagonal tile twice. `caa_refine` goes further: with S
+symmetric, F = V A^T = (V S) S, two skinny products instead of the N^3 square.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from wsclip.errors import ShapeError
+from wsclip.kernels import _dispatch
+from wsclip.kernels._dispatch import import_triton, interpreting, next_pow2, resolve_backend, tuned
+
+tl = None  # triton.language, bound by _triton_kernels() on first use of the Triton path
+
+EPS = 1e-7  # min-max normalisation: (F - min) / (max - min + EPS), as CLIP-ES's scale_cam_image
+
+
+# ----------------------------------------------------------------------------- checks and helpers
+def _check_attn(attn: torch.Tensor) -> None:
+    if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
+        raise ShapeError(f"attention must be (B, N, N), got {tuple(attn.shape)}")
+    if not attn.dtype.is_floating_point:
+        raise ShapeError(f"attention must be floating point, got {attn.dtype}")
+
+
+def _check_prop(transition: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> None:
+    _check_attn(transition)
+    if cams.dim() != 4 or tuple(masks.shape) != tuple(cams.shape):
+        raise ShapeError(f"cams and masks must both be (B, C, h, w), got {tuple(cams.shape)} and {tuple(masks.shape)}")
+    B, _, h, w = cams.shape
+    if transition.shape[0] != B or transition.shape[1] != h * w:
+        raise ShapeError(
+            f"transition must be (B, N, N) = ({B}, {h * w}, {h * w}) for cams {tuple(cams.shape)}, "
+            f"got {tuple(transition.shape)}"
+        )
+    if not (transition.device == cams.device == masks.device):
+        raise ShapeError("transition, cams and masks must be on one device")
+
+
+def _calc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def minmax(f: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max normalisation over the last dim: (f - min) / (max - min + EPS)."""
+    lo = f.amin(-1, keepdim=True)
+    hi = f.amax(-1, keepdim=True)
+    return (f - lo) / (hi - lo + EPS)
+
+
+def _sources(cams: torch.Tensor, masks: torch.Tensor, dtype) -> torch.Tensor:
+    """V = b_c * vec(M_c) as (B, C, N)."""
+    B, C, h, w = cams.shape
+    return (cams.to(dtype) * masks.to(dtype)).reshape(B, C, h * w)
+
+
+def sinkhorn_scales(w: torch.Tensor, iters: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, c), each (B, N), with diag(r) W diag(c) = `iters` rounds of column then row normalisation."""
+    r = torch.ones(w.shape[:2], dtype=w.dtype, device=w.device)
+    c = r
+    for _ in range(int(iters)):
+        c = 1.0 / torch.matmul(r.unsqueeze(1), w).squeeze(1)  # column sums of diag(r) W
+        r = 1.0 / torch.matmul(w, c.unsqueeze(2)).squeeze(2)  # row sums of W diag(c)
+    return r, c
+
+
+def symmetric_transition(attn: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    """S = (D + D^T) / 2 with D the normalised attention (so the transition is S @ S)."""
+    _check_attn(attn)
+    w = attn.to(_calc_dtype(attn))
+    r, c = sinkhorn_scales(w, iters)
+    d = r.unsqueeze(2) * w * c.unsqueeze(1)
+    return (d + d.transpose(1, 2)) * 0.5
+
+
+# ----------------------------------------------------------------------------- PyTorch references
+def caa_transition_reference(attn: torch.Tensor, iters: int = 3) -> torch.Tensor:
+    """The literal algorithm: normalise columns then rows `iters` times, symmetrise, square."""
+    d = attn.to(_calc_dtype(attn))
+    for _ in range(int(iters)):
+        d = d / d.sum(1, keepdim=True)
+        d = d / d.sum(2, keepdim=True)
+    s = (d + d.transpose(1, 2)) / 2
+    return torch.matmul(s, s)
+
+
+def caa_propagate_reference(transition: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """F_c = A @ (b_c * vec(M_c)), min-max normalised per class; (B, C, h, w)."""
+    dt = _calc_dtype(transition)
+    v = _sources(cams, masks, dt)
+    f = torch.matmul(v, transition.to(dt).transpose(1, 2))  # rows: (A @ v_c)^T
+    return minmax(f).reshape(cams.shape)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+@functools.lru_cache(maxsize=None)
+def _triton_kernels(interpret: bool):
+    global tl
+    triton, tl = import_triton()
+
+    @triton.jit
+    def sym_square(w, r, c, out, N, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out = S @ S, S_ij = (r_i W_ij c_j + r_j W_ji c_i) / 2; tiles on/above the diagonal only
+        b = tl.program_id(0)
+        ti = tl.program_id(1)
+        tj = tl.program_id(2)
+        if tj >= ti:
+            wb = w + b.to(tl.int64) * N * N
+            rb = r + b * N
+            cb = c + b * N
+            im = ti * BLOCK + tl.arange(0, BLOCK)
+            jn = tj * BLOCK + tl.arange(0, BLOCK)
+            imask = im < N
+            jmask = jn < N
+            ri = tl.load(rb + im, mask=imask, other=0.0)
+            ci = tl.load(cb + im, mask=imask, other=0.0)
+            rj = tl.load(rb + jn, mask=jmask, other=0.0)
+            cj = tl.load(cb + jn, mask=jmask, other=0.0)
+            acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+            for k0 in range(0, N, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                kmask = kk < N
+                rk = tl.load(rb + kk, mask=kmask, other=0.0)
+                ck = tl.load(cb + kk, mask=kmask, other=0.0)
+                m_ik = imask[:, None] & kmask[None, :]
+                w_ik = tl.load(wb + im[:, None] * N + kk[None, :], mask=m_ik, other=0.0).to(tl.float32)
+                w_ki = tl.load(wb + kk[None, :] * N + im[:, None], mask=m_ik, other=0.0).to(tl.float32)
+                s_ik = (ri[:, None] * w_ik * ck[None, :] + rk[None, :] * w_ki * ci[:, None]) * 0.5
+                m_kj = kmask[:, None] & jmask[None, :]
+                w_kj = tl.load(wb + kk[:, None] * N + jn[None, :], mask=m_kj, other=0.0).to(tl.float32)
+                w_jk = tl.load(wb + jn[None, :] * N + kk[:, None], mask=m_kj, other=0.0).to(tl.float32)
+                s_kj = (rk[:, None] * w_kj * cj[None, :] + rj[None, :] * w_jk * ck[:, None]) * 0.5
+                acc += tl.dot(s_ik, s_kj)
+            ob = out + b.to(tl.int64) * N * N
+            omask = imask[:, None] & jmask[None, :]
+            tl.store(ob + im[:, None] * N + jn[None, :], acc, mask=omask)
+            if tj > ti:
+                tl.store(ob + jn[None, :] * N + im[:, None], acc, mask=omask)
+
+    @triton.jit
+    def propagate(a, v, out, N, C, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+        # out[b, c, i] = sum_j a[b, i, j] * v[b, c, j]
+        b = tl.program_id(0)
+        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        cc = tl.arange(0, BLOCK_C)
+        imask = i < N
+        cmask = cc < C
+        ab = a + b.to(tl.int64) * N * N
+        vb = v + b.to(tl.int64) * C * N
+        acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
+        for j0 in range(0, N, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            jmask = j < N
+            at = tl.load(ab + i[:, None] * N + j[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
+            vt = tl.load(vb + cc[None, :] * N + j[:, None], mask=jmask[:, None] & cmask[None, :], other=0.0)
+            acc += tl.dot(at.to(tl.float32), vt.to(tl.float32))
+        tl.store(out + b.to(tl.int64) * C * N + cc[None, :] * N + i[:, None], acc,
+                 mask=imask[:, None] & cmask[None, :])
+
+    square = tuned(
+        sym_square,
+        configs=[
+            {"BLOCK": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
+            {"BLOCK": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
+            {"BLOCK": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
+            {"BLOCK": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
+        ],
+        key=["N"],
+        default={"BLOCK": 16, "BLOCK_K": 16},
+    )
+    prop = tuned(
+        propagate,
+        configs=[
+            {"BLOCK_I": 32, "BLOCK_J": 128, "num_stages": 3},
+            {"BLOCK_I": 64, "BLOCK_J": 64, "num_stages": 3},
+            {"BLOCK_I": 64, "BLOCK_J": 128, "num_stages": 2},
+            {"BLOCK_I": 128, "BLOCK_J": 64, "num_stages": 2},
+        ],
+        key=["N", "C"],
+        default={"BLOCK_I": 16, "BLOCK_J": 16},
+        num_warps=[4],
+    )
+    return triton, square, prop
+
+
+def _square_triton(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    triton, square, _ = _triton_kernels(interpreting())
+    B, N, _ = w.shape
+    out = _dispatch.empty((B, N, N), torch.float32, w.device)
+    if B and N:
+        grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK"]), triton.cdiv(N, meta["BLOCK"]))  # noqa: E731
+        square[grid](w, r.float().contiguous(), c.float().contiguous(), out, N)
+    return out
+
+
+def _propagate_triton(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, C, N) = v @ a^T with a (B, N, N), fp32 accumulation."""
+    triton, _, prop = _triton_kernels(interpreting())
+    B, C, N = v.shape
+    out = _dispatch.empty((B, C, N), torch.float32, a.device)
+    if B and C and N:
+        grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK_I"]))  # noqa: E731
+        prop[grid](a.contiguous(), v.contiguous(), out, N, C, BLOCK_C=max(16, next_pow2(C)))
+    return out
+
+
+# ----------------------------------------------------------------------------- public
+def caa_transition(attn: torch.Tensor, iters: int = 3, backend: str = "auto") -> torch.Tensor:
+    """The CAA transition A = S @ S (B, N, N), fp32 (fp64 for fp64 input).
+
+    S = (D + D^T) / 2, D the attention after `iters` rounds of column then row normalisation.
+    The Triton path multiplies with tf32 tensor cores on the GPU (about 3e-4 relative).
+    """
+    _check_attn(attn)
+    if resolve_backend(backend, attn) == "torch" or attn.dtype == torch.float64:
+        return caa_transition_reference(attn, iters)
+    w = attn.float().contiguous()
+    r, c = sinkhorn_scales(w, iters)
+    return _square_triton(attn.contiguous(), r, c)
+
+
+def caa_propagate(transition: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """F_c = A @ (b_c * vec(M_c)) for every class, min-max normalised; (B, C, h, w) float.
+
+    transition (B, N, N) from `caa_transition`; cams (B, C, h, w); masks (B, C, h, w) bool or
+    0/1 (the box masks b_c), N = h * w row-major.
+    """
+    _check_prop(transition, cams, masks)
+    if resolve_backend(backend, transition, cams) == "torch" or transition.dtype == torch.float64:
+        return caa_propagate_reference(transition, cams, masks)
+    v = _sources(cams, masks, torch.float32)
+    return minmax(_propagate_triton(transition, v)).reshape(cams.shape)
+
+
+def caa_refine(attn: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor, iters: int = 3,
+               backend: str = "auto") -> torch.Tensor:
+    """caa_propagate(caa_transition(attn, iters), cams, masks) without forming S @ S.
+
+    Uses F = (V S) S (S symmetric): 4 C N^2 FLOP instead of 2 N^3; same result up to rounding.
+    """
+    _check_attn(attn)
+    _check_prop(attn, cams, masks)
+    s = symmetric_transition(attn, iters)
+    v = _sources(cams, masks, s.dtype)
+    if resolve_backend(backend, attn, cams) == "torch" or s.dtype == torch.float64:
+        f = torch.matmul(torch.matmul(v, s), s)
+    else:
+        f = _propagate_triton(s, _propagate_triton(s, v))
+    return minmax(f).reshape(cams.shape)

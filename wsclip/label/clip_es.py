@@ -1,0 +1,348 @@
+"""CLIP-ES: training-free CAMs from a frozen CLIP ViT (METHODS.md section 5).
+
+Per image: resize (bicubic) to H, W rounded up to a multiple of the patch size; run the ViT with
+interpolated positional embeddings, every block but the last without gradients; image embedding
+= mean-pooled patch tokens; softmax of logit_scale * cosine over the image's ground-truth classes
+plus the background words; GradCAM of each class's probability at the last block's ln_1 output;
+CAA refinement with the attention of the last 8 blocks (two thirds for shallower ViTs).
+
+Differences from the public code (same maths): every ground-truth class of every image in a
+batch comes from ONE batched vector-Jacobian product (`is_grads_batched`: slot k of the batch
+holds each image's k-th class), several images of the same rounded size share one forward
+(bucketing by shape), and everything stays on the device until the CAM file is written.
+
+CAM file (`<id>.npz`, shared with `wsclip.label.clims_cam`): "keys" (K',) int64 0-based classes,
+"cam" (K', h, w) float16 at patch resolution, "high_res" (K', H, W) float16 at image size; with
+CAA, "cam"/"high_res" hold the CAA-refined maps and "high_res_raw" the plain GradCAM ones.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsclip.errors import ShapeError, WsclipError
+
+__all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
+           "make_clip_es_cams"]
+
+POOLINGS = ("tokens", "mean")
+
+
+@dataclass
+class ClipEsConfig:
+    """CLIP-ES settings; defaults are the paper's (VOC)."""
+
+    template: str | None = None  # default: 'a clean origami {}.'
+    background: tuple[str, ...] | None = None  # default: the dataset's CLIP-ES background words
+    logit_scale: float = 100.0
+    caa: bool = True
+    box_threshold: float | None = None  # default: 0.7 for the COCO classes, else 0.4
+    box_compat: bool = False  # public code's uint8 threshold and exclusive far box edges
+    caa_layers: int | None = None  # last blocks whose attention CAA averages (default 8 of 12)
+    pooling: str = "tokens"  # 'tokens': ln_post per patch token, then mean (public code); 'mean': ln_post(mean)
+    batch_size: int = 8
+    backend: str = "auto"
+
+
+def rounded_size(hw, patch: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of the patch size."""
+    return tuple(int(-(-int(s) // patch) * patch) for s in hw)
+
+
+def caa_layer_indices(n_blocks: int, n: int | None = None) -> list[int]:
+    """0-based blocks whose attention CAA averages: the last `n` (default 8 when there are >= 12, else 2/3)."""
+    if n is None:
+        n = 8 if n_blocks >= 12 else max(1, round(2 * n_blocks / 3))
+    n = max(1, min(int(n), n_blocks))
+    return list(range(n_blocks - n, n_blocks))
+
+
+def gradcam_minmax(cam: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """(cam - min) / (max(cam - min) + eps) over the last two dims, as pytorch-grad-cam's scale_cam_image."""
+    flat = cam.flatten(-2)
+    flat = flat - flat.amin(-1, keepdim=True)
+    return (flat / (flat.amax(-1, keepdim=True) + eps)).reshape(cam.shape)
+
+
+class ClipEs:
+    """The CLIP-ES CAM maker around a loaded CLIP (`wsclip.models.clip.ClipModel`, a ViT).
+
+    `classes`: the dataset's class names in index order (for the text presets of METHODS.md
+    section 1 they are replaced by the synonym-fused CLIP-ES names when they match VOC or COCO).
+    """
+
+    def __init__(self, clip, classes: Sequence[str], cfg: ClipEsConfig | None = None):
+        from wsclip.label.prompts import clip_es_text
+        from wsclip.vocab import COCO_CLASSES, VOC_CLASSES
+
+        self.cfg = cfg = cfg or ClipEsConfig()
+        if cfg.pooling not in POOLINGS:
+            raise WsclipError(f"unknown pooling {cfg.pooling!r}: use one of {', '.join(POOLINGS)}")
+        if not clip.is_vit:
+            raise WsclipError(f"CLIP-ES needs a ViT CLIP; {clip.name} has a {type(clip.model.visual).__name__} image tower")
+        self.clip = clip
+        self.classes = tuple(classes)
+        self.preset = preset = {tuple(VOC_CLASSES): "voc", tuple(COCO_CLASSES): "coco"}.get(self.classes)
+        if cfg.box_threshold is not None:
+            self.box_threshold = float(cfg.box_threshold)
+        else:
+            self.box_threshold = 0.7 if preset == "coco" else 0.4
+        if preset is not None:
+            text = clip_es_text(preset, template=cfg.template, background=cfg.background)
+        else:
+            text = clip_es_text("custom", classes=self.classes, template=cfg.template, background=cfg.background)
+        self.prompts = text
+        self.device = clip.device
+        self.fg_text = clip.encode_text(text["foreground"]).to(self.device)  # (K, D) normalised
+        self.bg_text = clip.encode_text(text["background"]).to(self.device)  # (L, D)
+        self.patch = int(clip.patch_size)
+        self.n_blocks = len(clip.model.visual.transformer.resblocks)
+        self.attn_layers = caa_layer_indices(self.n_blocks, cfg.caa_layers) if cfg.caa else []
+
+    # ------------------------------------------------------------------ pieces
+    def preprocess(self, image) -> torch.Tensor:
+        """(3, H', W') CLIP-normalised pixels on the device from a uint8 (H, W, 3) image; H', W' rounded up."""
+        img = torch.as_tensor(np.ascontiguousarray(image)) if not isinstance(image, torch.Tensor) else image
+        if img.dim() != 3 or img.shape[-1] != 3:
+            raise ShapeError(f"expected an RGB (H, W, 3) image, got shape {tuple(img.shape)}")
+        size = rounded_size(img.shape[:2], self.patch)
+        return self.clip.preprocess_tensor(img.to(self.device), size=size)[0]
+
+    def image_embedding(self, trace) -> torch.Tensor:
+        """(B, D) image embedding from a ViTTrace, differentiable w.r.t. trace.ln1."""
+        if self.cfg.pooling == "mean":
+            return trace.image_features.float()
+        visual = self.clip.model.visual
+        pooled = visual.ln_post(trace.tokens[:, 1:]).mean(dim=1)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return pooled.float()
+
+    def class_probs(self, feats: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Softmax (B, K + L) over each image's ground-truth classes and the background words.
+
+        keys (B, S) long, -1 = empty slot. Classes not in an image's keys get probability 0.
+        """
+        feats = F.normalize(feats, dim=-1)
+        text = torch.cat([self.fg_text, self.bg_text]).to(feats.dtype)
+        logits = self.cfg.logit_scale * feats @ text.T
+        K = self.fg_text.shape[0]
+        allowed = torch.zeros(feats.shape[0], K + 1, dtype=torch.bool, device=feats.device)
+        allowed.scatter_(1, torch.where(keys >= 0, keys, K), True)
+        allowed = torch.cat([allowed[:, :K], torch.ones_like(logits[:, K:], dtype=torch.bool)], dim=1)
+        return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+    def forward(self, pixels: torch.Tensor, keys: torch.Tensor) -> dict:
+        """Batched CLIP-ES at patch resolution for pixels (B, 3, H', W') and keys (B, S) (-1 = empty slot).
+
+        Returns {"raw": GradCAM (B, S, h, w) min-max normalised, "refined": CAA maps (B, S, h, w) or
+        None, "probs": (B, K + L)}; empty slots hold zeros.
+        """
+        if keys.dim() != 2 or keys.shape[0] != pixels.shape[0]:
+            raise ShapeError(f"keys must be (B, S) for {pixels.shape[0]} images, got {tuple(keys.shape)}")
+        K = self.fg_text.shape[0]
+        if (keys >= K).any():
+            raise ShapeError(f"class index {int(keys.max())} out of range for {K} classes")
+        keys = keys.to(self.device)
+        B, S = keys.shape
+        trace = self.clip.vit_forward(pixels, attn_layers=self.attn_layers)
+        h, w = trace.grid
+        probs = self.class_probs(self.image_embedding(trace), keys)
+        valid = keys >= 0
+        raw = torch.zeros(B, S, h, w, device=self.device)
+        if S and valid.any():
+            # slot s of grad_outputs selects, for every image at once, its s-th class probability
+            onehot = torch.zeros(S, B, probs.shape[1], device=self.device, dtype=probs.dtype)
+            b_idx, s_idx = torch.nonzero(valid, as_tuple=True)
+            onehot[s_idx, b_idx, keys[b_idx, s_idx]] = 1.0
+            (grads,) = torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot, is_grads_batched=True)
+            acts = trace.ln1.detach()[:, 1:].float()  # (B, N, C)
+            weights = grads[:, :, 1:].float().mean(dim=2)  # (S, B, C): spatial mean of each channel's gradient
+            cam = torch.einsum("sbc,bnc->bsn", weights, acts).clamp_min(0).reshape(B, S, h, w)
+            raw = gradcam_minmax(cam) * valid[:, :, None, None]
+        refined = None
+        if self.cfg.caa:
+            from wsclip.refine.caa import refine_from_attention
+
+            attn = torch.stack(trace.attn).mean(0)[:, 1:, 1:].float()  # (B, N, N), layers and heads averaged
+            if self.cfg.box_compat:
+                from wsclip.refine.caa import box_mask, refine, transition
+
+                masks = torch.stack([box_mask(m, self.box_threshold, compat=True)
+                                     for m in raw.reshape(-1, h, w)]).reshape(raw.shape)
+                refined = refine(raw, transition(attn, backend=self.cfg.backend), masks, backend=self.cfg.backend)
+            else:
+                refined = refine_from_attention(attn, raw, self.box_threshold, backend=self.cfg.backend)
+            refined = refined * valid[:, :, None, None]
+        return {"raw": raw.detach(), "refined": None if refined is None else refined.detach(), "probs": probs.detach()}
+
+    def label(self, images: Sequence, keys: Sequence) -> list[dict]:
+        """CAMs of images (uint8 (H, W, 3), all with the same rounded size) and their 0-based class lists.
+
+        Returns per image {"keys", "cam", "high_res"[, "high_res_raw"]} as float32 tensors on the device.
+        """
+        if not len(images):
+            return []
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        S = max((len(k) for k in keys), default=0)
+        kt = torch.full((len(images), S), -1, dtype=torch.long)
+        for i, k in enumerate(keys):
+            kt[i, : len(k)] = torch.as_tensor(list(k), dtype=torch.long)
+        res = self.forward(pixels, kt)
+        out = []
+        for i, im in enumerate(images):
+            n = len(keys[i])
+            hw = tuple(im.shape[:2])
+            raw = res["raw"][i, :n]
+            main = res["refined"][i, :n] if res["refined"] is not None else raw
+            item = {"keys": torch.as_tensor(list(keys[i]), dtype=torch.long), "cam": main,
+                    "high_res": _upsample(main, hw)}
+            if res["refined"] is not None:
+                item["high_res_raw"] = _upsample(raw, hw)
+            out.append(item)
+        return out
+
+
+def _upsample(maps: torch.Tensor, hw) -> torch.Tensor:
+    if maps.shape[0] == 0:
+        return maps.new_zeros(0, *hw)
+    return F.interpolate(maps[None], size=tuple(hw), mode="bilinear", align_corners=False)[0]
+
+
+def write_cam_npz(path, arrays: dict) -> None:
+    """One compressed .npz, written atomically: "keys" as int64, every other array as float16."""
+    from wsclip.io import atomic_path
+
+    def arr(x):
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    data = {k: arr(v).astype(np.int64 if k == "keys" else np.float16) for k, v in arrays.items()}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **data)
+
+
+# ============================================================================ dataset runner
+class _Decoded(torch.utils.data.Dataset):
+    """DataLoader side: decode the image and read its labels (no resizing: that happens on the device)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, n):
+        item = self.dataset[self.indices[n]]
+        keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten().tolist()
+        return {"id": item["id"], "image": torch.from_numpy(np.ascontiguousarray(item["image"])), "keys": keys}
+
+
+def _identity(x):
+    return x
+
+
+def bucket_by_shape(items: Iterable[dict], key: Callable[[dict], tuple], batch_size: int,
+                    max_pending: int | None = None) -> Iterator[list[dict]]:
+    """Group a stream into batches of equal `key` (e.g. rounded image size), at most `batch_size` each.
+
+    At most `max_pending` items wait (default 4 * batch_size): beyond that the fullest bucket is
+    released early, so memory stays bounded whatever the mix of shapes.
+    """
+    max_pending = max(batch_size, max_pending or 4 * batch_size)
+    buckets: OrderedDict[tuple, list[dict]] = OrderedDict()
+    pending = 0
+    for item in items:
+        k = key(item)
+        buckets.setdefault(k, []).append(item)
+        pending += 1
+        if len(buckets[k]) >= batch_size:
+            pending -= len(buckets[k])
+            yield buckets.pop(k)
+        elif pending > max_pending:
+            fullest = max(buckets, key=lambda b: len(buckets[b]))
+            pending -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    yield from buckets.values()
+
+
+def make_clip_es_cams(
+    clip,
+    data,
+    out_dir,
+    split: str = "train",
+    cfg: ClipEsConfig | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    num_workers: int = 2,
+    on_image: Callable[[str], None] | None = None,
+) -> dict:
+    """Write `<out_dir>/<id>.npz` CLIP-ES CAMs for every image of `data` (a spec or a dataset); resumes.
+
+    clip: a checkpoint path (loaded with `wsclip.models.clip.load_clip`) or a ClipModel. Images whose
+    file exists are skipped. Returns {"written", "skipped", "total"}.
+    """
+    from wsclip.progress import progress
+    from wsclip.train.loop import resolve_device
+
+    cfg = cfg or ClipEsConfig()
+    if cfg.batch_size < 1:
+        raise WsclipError(f"batch size must be >= 1, got {cfg.batch_size}")
+    dev = resolve_device(device)
+    if isinstance(clip, (str, Path)):
+        from wsclip.models.clip import load_clip
+
+        clip = load_clip(clip, device=dev, precision=precision)
+    if isinstance(data, (str, Path)):
+        from wsclip.data import open_dataset
+
+        kw = {} if str(data).startswith("synth:") else {"masks": False}
+        ds = open_dataset(str(data), split=split, **kw)
+    else:
+        ds = data
+    labeler = ClipEs(clip, ds.classes, cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i, image_id in enumerate(ds.ids) if not (out / f"{image_id}.npz").is_file()]
+    skipped = len(ds) - len(todo)
+    loader = torch.utils.data.DataLoader(_Decoded(ds, todo), batch_size=None, shuffle=False,
+                                         num_workers=num_workers, collate_fn=_identity)
+    written = 0
+    bar = progress(total=len(todo), desc="cam clip-es", unit="img")
+    pending: list = []
+
+    def drain(wait_for: int = 0) -> None:
+        """Collect finished writes (and wait for the oldest until at most `wait_for` remain)."""
+        nonlocal written
+        keep = []
+        for n, (image_id, fut) in enumerate(pending):
+            if fut.done() or len(pending) - n > wait_for:
+                fut.result()  # re-raises a failed write
+                written += 1
+                bar.update(1)
+                if on_image is not None:
+                    on_image(image_id)
+            else:
+                keep.append((image_id, fut))
+        pending[:] = keep
+
+    with ThreadPoolExecutor(max_workers=2) as writers:  # zlib releases the GIL: writes overlap compute
+        for batch in bucket_by_shape(loader, lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
+                                     cfg.batch_size):
+            results = labeler.label([it["image"] for it in batch], [it["keys"] for it in batch])
+            for it, res in zip(batch, results):
+                arrays = {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in res.items()}
+                pending.append((it["id"], writers.submit(write_cam_npz, out / f"{it['id']}.npz", arrays)))
+            drain(wait_for=2 * cfg.batch_size)
+        drain(wait_for=0)
+    bar.close()
+    return {"written": written, "skipped": skipped, "total": len(ds)}
+

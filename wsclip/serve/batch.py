@@ -1,0 +1,638 @@
+"""`wsclip label`: label a folder, glob, list file or VOC/COCO split with any labeler, pipelined and resumable.
+
+Pipeline: DataLoader workers decode images (or, on CUDA, read JPEG bytes for nvJPEG decoding on
+the GPU) -> the main thread runs the labeler on windows of images -> refinement (CRF) and file
+encoding (palette PNG, CAM .npz, overlay) run in a worker pool while the next window is on the
+device. Outputs, under --out:
+
+    <id>.png                palette mask (0 background, k class k, 255 ignore)
+    cams/<id>.npz           with --cams: keys, cam (stride 4), high_res (the `wsclip cam` format)
+    overlays/<id>.png       with --overlays
+    annotations.json        with --rle: COCO-style RLE annotations of every labelled image
+    manifest.jsonl          one line per finished (or failed) image; what a re-run skips
+    errors.json             images skipped with --on-error skip, and why
+    summary.json            counts, throughput, errors of the last run
+    label_config.json       the settings the outputs were made with (a re-run must match them)
+
+Reproducibility: images are labelled in fixed windows of the input order (`--window`, default 4
+batches); the labeler sees the same window whatever was already done, so a killed and resumed run,
+or a Ray run, writes byte-identical masks to an uninterrupted one. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from wsclip.errors import DatasetLayoutError, MissingFileError, WsclipError
+from wsclip.serve.labelers import LabelerConfig, LabelResult, host_image
+
+MANIFEST = "manifest.jsonl"
+CONFIG_FILE = "label_config.json"
+LOCK_FILE = ".wsclip-label.lock"
+ON_ERROR = ("skip", "fail")
+DECODERS = ("auto", "cpu", "gpu")
+_GLOB_CHARS = "*?["
+
+
+# ============================================================================ inputs
+@dataclass
+class ImageSource:
+    """The images to label: ids, how to load each, and image-level labels where known.
+
+    Built by `open_source`; picklable (DataLoader workers and Ray actors load from it).
+    """
+
+    ids: list[str]
+    paths: list[Path] | None = None
+    dataset: object | None = None
+    labels: dict[str, np.ndarray] | None = None   # explicit labels (a file), by id
+    dataset_labels: bool = False                  # use the dataset's own image-level labels
+    classes: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None or self.dataset_labels
+
+    def load(self, i: int) -> np.ndarray:
+        """RGB uint8 (H, W, 3) of image i (a WsclipError for a missing or corrupt file)."""
+        from wsclip.io import read_image
+
+        if self.paths is not None:
+            return read_image(self.paths[i])
+        return np.ascontiguousarray(np.asarray(self.dataset.load_image(i), dtype=np.uint8))
+
+    def path(self, i: int) -> Path | None:
+        if self.paths is not None:
+            return self.paths[i]
+        files = getattr(self.dataset, "_images", None) or getattr(self.dataset, "_files", None)
+        return Path(files[i]) if files is not None else None
+
+    def label(self, i: int) -> np.ndarray | None:
+        """(K,) 0/1 labels of image i, or None when unknown."""
+        if self.labels is not None:
+            return self.labels.get(self.ids[i])
+        if self.dataset_labels:
+            return np.asarray(self.dataset.label_vector(i), dtype=np.float32)
+        return None
+
+
+def _is_glob(spec: str) -> bool:
+    return any(c in spec for c in _GLOB_CHARS)
+
+
+def _ids_for(paths: Sequence[Path], base: Path | None) -> list[str]:
+    """Ids: paths relative to `base` (else the common parent) without extension; clashes are errors."""
+    if base is None:
+        base = Path(os.path.commonpath([str(p.parent.resolve()) for p in paths])) if paths else Path(".")
+    ids = []
+    for p in paths:
+        try:
+            rel = p.resolve().relative_to(base.resolve())
+        except ValueError:
+            rel = Path(p.name)
+        ids.append(rel.with_suffix("").as_posix())
+    seen: dict[str, Path] = {}
+    for i, p in zip(ids, paths):
+        if i in seen:
+            raise DatasetLayoutError(f"two inputs map to the same output id '{i}': {seen[i]} and {p}; rename one")
+        seen[i] = p
+    return ids
+
+
+def _glob_base(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    fixed = [p for p in parts[: next((n for n, p in enumerate(parts) if _is_glob(p)), len(parts))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _list_file(path: Path) -> list[Path]:
+    from wsclip.data.splits import IMAGE_EXTS
+
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        p = Path(line.split()[0]).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        if p.suffix.lower() not in IMAGE_EXTS:
+            raise DatasetLayoutError(f"{path}: '{line}' is not an image file ({', '.join(IMAGE_EXTS)}); "
+                                     "a list file names one image path per line")
+        out.append(p)
+    if not out:
+        raise DatasetLayoutError(f"list file {path} names no images")
+    return out
+
+
+def read_labels_file(path, classes: Sequence[str], ids: Sequence[str]) -> dict[str, np.ndarray]:
+    """{id: (K,) 0/1} from JSON ({image or id: [names or indices 1..K or a K-long 0/1 vector]}) or CSV (image,names)."""
+    from wsclip.data.labelfiles import parse_label_value, read_name_labels
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"labels file not found: {path}")
+    if path.suffix.lower() == ".json":
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WsclipError(f"{path} is not valid JSON: {exc}") from None
+        if isinstance(table, list):
+            table = read_name_labels(path, classes)
+    else:
+        table = read_name_labels(path, classes)
+    if not isinstance(table, dict):
+        raise WsclipError(f"{path} must map images (or ids) to their labels")
+    known = set(ids)
+    out = {}
+    for key, value in table.items():
+        k = str(key)
+        cand = [k, Path(k).with_suffix("").as_posix(), Path(k).name, Path(k).stem]
+        image_id = next((c for c in cand if c in known), None)
+        if image_id is not None:
+            out[image_id] = parse_label_value(value, classes, f"{path}: '{k}'").numpy().astype(np.float32)
+    if not out:
+        raise WsclipError(f"no entry of {path} matches an input image (ids look like '{next(iter(ids), '')}')")
+    return out
+
+
+def open_source(spec, split: str | None = None, labels=None, classes: Sequence[str] | None = None,
+                limit: int | None = None) -> ImageSource:
+    """An ImageSource from a folder, a glob ('photos/**/*.jpg'), a list file (.txt of paths), one image,
+    or a dataset ('voc:PATH', 'coco:PATH', 'folder:PATH', 'synth:', or a VOC/COCO folder) with `split`.
+
+    `labels`: a labels file (JSON or CSV) overriding any dataset labels; `classes` the labeler's classes.
+    """
+    from wsclip.data.splits import IMAGE_EXTS
+
+    spec = str(spec)
+    scheme = spec.partition(":")[0].lower() if ":" in spec and not Path(spec).exists() else None
+    src: ImageSource
+    if scheme in ("voc", "coco", "folder", "synth") or (Path(spec).is_dir() and not _is_glob(spec)):
+        from wsclip.data.factory import detect_layout
+
+        layout = scheme or detect_layout(spec)
+        from wsclip.data import open_dataset
+
+        kw = {"masks": False} if layout in ("voc", "coco") else {}
+        ds = open_dataset(spec, split=split, **kw)
+        own = layout in ("voc", "coco", "synth") or getattr(ds, "labels_file", None) is not None
+        if classes is not None and own and tuple(ds.classes) != tuple(classes):
+            raise WsclipError(f"the dataset's classes ({', '.join(ds.classes)}) differ from the model's "
+                              f"({', '.join(classes)}): use the model trained for this dataset")
+        src = ImageSource(ids=list(ds.ids), dataset=ds, dataset_labels=own, classes=tuple(ds.classes))
+    else:
+        if split is not None:
+            raise WsclipError("--split applies to datasets (voc:, coco:, folder:); for files use a list file as the input")
+        if _is_glob(spec):
+            paths = sorted(Path(p) for p in globlib.glob(spec, recursive=True)
+                           if Path(p).suffix.lower() in IMAGE_EXTS and Path(p).is_file())
+            if not paths:
+                raise MissingFileError(f"no image files match '{spec}'")
+            base = _glob_base(spec)
+        else:
+            p = Path(spec)
+            if not p.exists():
+                raise MissingFileError(f"input not found: {spec} (give a folder, a glob, a list file or voc:/coco:PATH)")
+            if p.suffix.lower() in IMAGE_EXTS:
+                paths, base = [p], p.parent
+            else:
+                paths, base = _list_file(p), None
+        src = ImageSource(ids=_ids_for(paths, base), paths=paths)
+    if limit is not None:
+        src = _head(src, int(limit))
+    if labels is not None:
+        if classes is None:
+            raise WsclipError("a labels file needs the model's class list")
+        src.labels = read_labels_file(labels, classes, src.ids)
+        src.dataset_labels = False
+    return src
+
+
+def _head(src: ImageSource, n: int) -> ImageSource:
+    if n >= len(src.ids):
+        return src
+    if src.paths is not None:
+        return ImageSource(ids=src.ids[:n], paths=src.paths[:n], labels=src.labels, classes=src.classes)
+    from torch.utils.data import Subset
+
+    class _Head(Subset):
+        def load_image(self, i):
+            return self.dataset.load_image(self.indices[i])
+
+        def label_vector(self, i, mask=None):
+            return self.dataset.label_vector(self.indices[i])
+
+    return ImageSource(ids=src.ids[:n], dataset=_Head(src.dataset, range(n)), dataset_labels=src.dataset_labels,
+                       labels=src.labels, classes=src.classes)
+
+
+# ============================================================================ manifest
+class Manifest:
+    """Append-only JSON-lines record of finished images (the last record of an id wins).
+
+    A run killed mid-line leaves a partial last line: reading drops it and truncates the file to
+    its last complete line, so later appends stay valid JSON lines.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        if self.path.is_file():
+            self._load()
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):  # partial tail from a killed run
+            with open(self.path, "r+b") as f:
+                f.truncate(end)
+            data = data[:end]
+        for line in data.decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "id" in rec:
+                self.records[str(rec["id"])] = rec
+
+    def finished(self, out_dir: Path) -> set[str]:
+        """Ids whose last record is ok and whose mask file exists."""
+        return {i for i, r in self.records.items() if r.get("status") == "ok" and (out_dir / f"{i}.png").is_file()}
+
+    def append(self, records: Iterable[dict]) -> None:
+        records = list(records)
+        if not records:
+            return
+        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            self.records[str(r["id"])] = r
+
+
+# ============================================================================ options and per-image work
+@dataclass
+class OutputOptions:
+    """What to write for each image (picklable: sent to pool workers and Ray actors)."""
+
+    out: Path
+    cams: bool = False
+    overlays: bool = False
+    rle: bool = False
+    classes: tuple[str, ...] = ()
+    crf: bool = False
+
+
+def windows(n: int, size: int) -> list[range]:
+    """Consecutive index windows of the input order: the fixed units the labeler runs on."""
+    if size < 1:
+        raise WsclipError(f"window must be at least 1 image, got {size}")
+    return [range(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions) -> dict:
+    """Refine (CRF) and write one image's outputs atomically; returns its manifest record."""
+    from wsclip.io import atomic_write_bytes, encode_mask_png
+    from wsclip.serve.labelers import mask_annotations, refine_result
+
+    out = Path(opts.out)
+    image = host_image(image) if (opts.crf or opts.overlays) else None
+    if opts.crf:
+        result = refine_result(image, result)
+    mask = result.mask
+    files = []
+    if opts.cams and result.cams is not None:
+        from wsclip.label.clims_cam import strided_size, write_cam_file
+
+        high = torch.from_numpy(result.cams)
+        low = high
+        if len(high):
+            low = torch.nn.functional.interpolate(high[None], size=strided_size(mask.shape, 4), mode="bilinear",
+                                                  align_corners=False)[0]
+            low = low / (low.amax(dim=(1, 2), keepdim=True) + 1e-5)
+        else:
+            low = high.new_zeros(0, *strided_size(mask.shape, 4))
+        write_cam_file(out / "cams" / f"{image_id}.npz", result.keys, low, high)
+        files.append(f"cams/{image_id}.npz")
+    if opts.overlays:
+        from wsclip.eval.viz import encode_png, overlay
+
+        atomic_write_bytes(out / "overlays" / f"{image_id}.png", encode_png(overlay(image, mask)))
+        files.append(f"overlays/{image_id}.png")
+    atomic_write_bytes(out / f"{image_id}.png", encode_mask_png(mask))  # last: its presence marks the image done
+    files.insert(0, f"{image_id}.png")
+    rec = {"id": image_id, "status": "ok", "size": [int(mask.shape[0]), int(mask.shape[1])],
+           "labels": [int(k) for k in result.keys], "predicted": bool(result.predicted), "files": files}
+    if opts.rle:
+        rec["annotations"] = mask_annotations(mask, opts.classes)
+    return rec
+
+
+def error_record(image_id: str, message: str) -> dict:
+    return {"id": image_id, "status": "error", "error": message}
+
+
+def label_window(labeler, items: Sequence[tuple], want_cams: bool) -> tuple[list[tuple], list[dict]]:
+    """Run the labeler on one window of decoded items (index, id, image, labels, error).
+
+    Returns ([(id, image, result)], [error records]). A failure of the whole window (e.g. labels
+    missing) raises; a bad image only fails itself.
+    """
+    good = [it for it in items if it[4] is None]
+    errors = [error_record(it[1], it[4]) for it in items if it[4] is not None]
+    if not good:
+        return [], errors
+    results = labeler.label_batch([it[2] for it in good], [it[3] for it in good], want_cams=want_cams)
+    return [(it[1], it[2], r) for it, r in zip(good, results)], errors
+
+
+def load_item(source: ImageSource, i: int, raw_jpeg: bool = False) -> tuple:
+    """(index, id, image or JPEG bytes, labels, error message or None) of input i."""
+    image_id = source.ids[i]
+    try:
+        if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
+            image = p.read_bytes()
+        else:
+            image = source.load(i)
+        return i, image_id, image, source.label(i), None
+    except (WsclipError, OSError) as exc:
+        return i, image_id, None, None, str(exc)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, source: ImageSource, order: Sequence[int], raw_jpeg: bool):
+        self.source, self.order, self.raw_jpeg = source, list(order), raw_jpeg
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, n):
+        return load_item(self.source, self.order[n], self.raw_jpeg)
+
+
+def _identity(x):
+    return x
+
+
+def gpu_decode(items: list[tuple], device: torch.device) -> list[tuple]:  # pragma: no cover - needs CUDA
+    """Decode the JPEG bytes among `items` on the GPU (torchvision nvJPEG) in one call; others pass through."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    idx = [n for n, it in enumerate(items) if isinstance(it[2], (bytes, bytearray))]
+    if not idx:
+        return items
+    items = list(items)
+    datas = [torch.frombuffer(bytearray(items[n][2]), dtype=torch.uint8) for n in idx]
+    try:
+        decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # a corrupt file in the batch: decode one by one to isolate it
+        decoded = []
+        for d in datas:
+            try:
+                decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as exc:
+                decoded.append(exc)
+    for n, im in zip(idx, decoded):
+        i, image_id, _, lab, _ = items[n]
+        items[n] = (i, image_id, None, None, f"cannot decode JPEG: {im}") if isinstance(im, Exception) \
+            else (i, image_id, im, lab, None)
+    return items
+
+
+# ============================================================================ the run
+@dataclass
+class LabelRunConfig:
+    """`wsclip label` settings besides the labeler's."""
+
+    out: Path
+    window: int | None = None         # images per window (default 4 batches)
+    workers: int = 2                  # DataLoader decode workers
+    post_workers: int = 2             # refinement / encoding workers (0: in the main thread)
+    on_error: str = "skip"
+    cams: bool = False
+    overlays: bool = False
+    rle: bool = False
+    decode: str = "auto"
+    restart: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: ImageSource) -> dict:
+    """What the outputs depend on; a resumed run must match it."""
+    from wsclip.io import file_sha256
+
+    lab = asdict(cfg)
+    lab.pop("device", None)
+    lab.pop("threads", None)
+    for key in ("model", "irn", "clip"):
+        if lab.get(key):
+            lab[key] = {"path": str(lab[key]), "sha256": file_sha256(lab[key]) if Path(lab[key]).is_file() else None}
+    lab["scales"] = list(lab["scales"])
+    return {"labeler": lab, "window": window, "cams": run.cams, "overlays": run.overlays, "rle": run.rle,
+            "labels": "given" if source.has_labels else "predicted"}
+
+
+def _prepare_out(out: Path, settings: dict, restart: bool):
+    """Lock the output folder, clean stale temporary files, check that earlier outputs match these settings."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / LOCK_FILE, "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise WsclipError(f"another `wsclip label` is writing to {out}; wait for it or pick another --out") from None
+    for tmp in out.rglob(".*.tmp*"):
+        if tmp.is_file():
+            tmp.unlink()
+    cfg_path = out / CONFIG_FILE
+    if restart:
+        (out / MANIFEST).unlink(missing_ok=True)
+    elif cfg_path.is_file() and (out / MANIFEST).is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old != settings:
+            diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
+            raise WsclipError(f"{out} holds outputs made with other settings ({', '.join(diff)}): pick another --out, "
+                              "or pass --restart to relabel everything there")
+    from wsclip.io import atomic_write_json
+
+    atomic_write_json(cfg_path, settings)
+    return lock
+
+
+def _make_pool(n: int, crf: bool) -> Executor | None:
+    if n <= 0:
+        return None
+    if crf:  # pydensecrf holds the GIL: processes
+        import multiprocessing as mp
+
+        return ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="wsclip-post")
+
+
+def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: dict, rle: bool,
+                   classes: Sequence[str]) -> None:
+    from wsclip.io import atomic_write_json
+
+    errors = [{"id": i, "error": r.get("error", "")} for i, r in manifest.records.items() if r.get("status") == "error"]
+    atomic_write_json(out / "errors.json", errors)
+    atomic_write_json(out / "summary.json", summary)
+    if rle:
+        images, anns = [], []
+        for n, image_id in enumerate(source.ids):
+            rec = manifest.records.get(image_id)
+            if not rec or rec.get("status") != "ok":
+                continue
+            images.append({"id": n + 1, "file_name": image_id, "height": rec["size"][0], "width": rec["size"][1]})
+            for a in rec.get("annotations", []):
+                anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": a["category_id"],
+                             "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"], "iscrowd": 0})
+        cats = [{"id": k + 1, "name": c} for k, c in enumerate(classes)]
+        atomic_write_json(out / "annotations.json", {"images": images, "annotations": anns, "categories": cats})
+
+
+def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split: str | None = None,
+                 labels=None, limit: int | None = None, labeler=None, on_image=None) -> dict:
+    """Label every input image into `run.out` (resumable); returns the run summary.
+
+    `inputs`: anything `open_source` takes, or an ImageSource. `labeler`: an already loaded
+    labeler for `labeler_cfg` (else it is loaded here).
+    """
+    from wsclip.progress import progress
+    from wsclip.serve.labelers import load_labeler
+
+    if run.on_error not in ON_ERROR:
+        raise WsclipError(f"--on-error must be one of {', '.join(ON_ERROR)}, got '{run.on_error}'")
+    if run.decode not in DECODERS:
+        raise WsclipError(f"--decode must be one of {', '.join(DECODERS)}, got '{run.decode}'")
+    labeler = labeler or load_labeler(labeler_cfg)
+    source = inputs if isinstance(inputs, ImageSource) else open_source(inputs, split, labels, labeler.classes, limit)
+    if labeler.needs_labels and not source.has_labels and labeler.predictor is None:
+        raise WsclipError(f"the {labeler.method} method needs image-level labels and {inputs} has none: pass "
+                          "--labels FILE, or --predict cam / --predict clip --clip FILE")
+    window = int(run.window or 4 * labeler.batch_size)
+    out = Path(run.out)
+    settings = _settings(labeler_cfg, run, window, source)
+    lock = _prepare_out(out, settings, run.restart)
+    try:
+        return _run(labeler, source, run, out, window, progress, on_image)
+    finally:
+        lock.close()
+
+
+def _run(labeler, source, run, out, window, progress, on_image) -> dict:
+    manifest = Manifest(out / MANIFEST)
+    done = manifest.finished(out)
+    wins = [w for w in windows(len(source), window) if any(source.ids[i] not in done for i in w)]
+    todo = sum(1 for w in wins for i in w if source.ids[i] not in done)
+    opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
+                         crf=labeler.refine == "crf")
+    gpu_jpeg = labeler.device.type == "cuda" and run.decode in ("auto", "gpu")
+    if run.decode == "gpu" and labeler.device.type != "cuda":
+        raise WsclipError("--decode gpu needs a CUDA device (--device cuda)")
+    order = [i for w in wins for i in w]
+    loader = torch.utils.data.DataLoader(
+        _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
+        collate_fn=_identity, prefetch_factor=(2 * window // max(1, run.workers) + 1) if run.workers > 0 else None,
+        persistent_workers=False)
+    pool = _make_pool(run.post_workers, opts.crf)
+    pending: deque[tuple[str, Future | dict]] = deque()
+    counts = {"labelled": 0, "errors": 0}
+    failure: list[str] = []
+    bar = progress(total=todo, desc="label", unit="img")
+    t0 = time.perf_counter()
+
+    def settle(keep: int) -> None:
+        """Record finished images: every completed one at the head, and wait until at most `keep` are pending."""
+        recs = []
+        while pending and (len(pending) > keep or not isinstance(pending[0][1], Future) or pending[0][1].done()):
+            image_id, fut = pending.popleft()
+            try:
+                rec = fut.result() if isinstance(fut, Future) else fut
+            except Exception as exc:  # noqa: BLE001 - a failed refinement/encoding fails this image only
+                rec = error_record(image_id, f"{type(exc).__name__}: {exc}")
+            recs.append(rec)
+        manifest.append(recs)
+        for rec in recs:
+            counts["labelled" if rec["status"] == "ok" else "errors"] += 1
+            if rec["status"] == "error":
+                failure.append(f"{rec['id']}: {rec['error']}")
+            elif on_image is not None:
+                on_image(rec["id"])
+        if recs:
+            bar.update(len(recs))
+            if counts["errors"]:
+                bar.set_postfix(errors=counts["errors"])
+
+    limit = max(2 * window, 4 * max(1, run.post_workers))
+    try:
+        it = iter(loader)
+        for w in wins:
+            items = [next(it) for _ in w]
+            if gpu_jpeg:
+                items = gpu_decode(items, labeler.device)
+            labelled, errs = label_window(labeler, items, run.cams)
+            for rec in errs:
+                if rec["id"] not in done:
+                    pending.append((rec["id"], rec))
+            for image_id, image, result in labelled:
+                if image_id in done:
+                    continue
+                if pool is None:
+                    try:
+                        pending.append((image_id, finish_image(image_id, image, result, opts)))
+                    except (WsclipError, OSError) as exc:
+                        pending.append((image_id, error_record(image_id, str(exc))))
+                else:
+                    pending.append((image_id, pool.submit(finish_image, image_id, image, result, opts)))
+            settle(keep=limit)
+            if failure and run.on_error == "fail":
+                break
+        settle(keep=0)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if failure and run.on_error == "fail":
+        raise WsclipError(f"image {failure[0]} (--on-error fail; finished outputs are kept, a re-run resumes)")
+    seconds = time.perf_counter() - t0
+    errors = sorted(i for i, r in manifest.records.items() if r.get("status") == "error")
+    summary = {"total": len(source), "labelled": counts["labelled"], "skipped_done": len(source) - todo,
+               "errors": len(errors), "seconds": round(seconds, 3),
+               "images_per_s": round(counts["labelled"] / seconds, 3) if seconds > 0 else None,
+               "labeler": labeler.describe(), "error_ids": errors[:100]}
+    _write_reports(out, source, manifest, summary, run.rle, labeler.classes)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A few lines for the terminal."""
+    lines = [f"labelled {summary['labelled']} images ({summary['skipped_done']} already done, "
+             f"{summary['total']} total) in {summary['seconds']:.1f} s"
+             + (f" = {summary['images_per_s']:.2f} images/s" if summary.get("images_per_s") else "")]
+    if summary["errors"]:
+        lines.append(f"{summary['errors']} images skipped (see errors.json): {', '.join(summary['error_ids'][:5])}"
+                     + (" ..." if summary["errors"] > 5 else ""))
+    return "\n".join(lines)

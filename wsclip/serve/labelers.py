@@ -1,0 +1,636 @@
+"""One uniform labeler over every method and backend, used by `wsclip label`, the server and Ray.
+
+    cfg = LabelerConfig(model="camnet.safetensors")          # or cam.onnx, a TensorRT engine, seg.safetensors
+    lab = load_labeler(cfg)
+    results = lab.label_batch([rgb_uint8, ...], labels=[multi_hot_or_None, ...])
+    results[0].mask                                            # uint8 (H, W): 0 bg, k + 1 class k, 255 ignore
+
+Methods: "cam" (a CAM network: CLIMS, QA-CLIMS or baseline; PyTorch, ONNX Runtime or TensorRT),
+"seg" (a segmentation network, same backends) and "clip-es" (training-free, when
+`wsclip.label.clip_es` is installed). Refinements: "none", "crf" (dense CRF on the stacked
+scores, run by `refine_result` in the caller's worker pool) and "irn" (random walk on an IRN
+boundary map; CAM method, PyTorch).
+
+Batch plan: `label_batch` groups images by exact size (first-appearance order) and splits each
+group into runs of at most `batch_size` (`plan_batches`). Convolution kernels may give other
+floating-point results for other batch compositions (oneDNN does at batch 1 vs 2), so callers
+that must be reproducible (resume, Ray) hand it the same image lists; `wsclip label` does.
+
+Missing image-level labels (an entry None) are predicted when the method needs them: from the
+CAM network's class scores (sigmoid of the global-average-pooled maps, PyTorch backend) or by
+CLIP zero-shot multi-label classification (softmax over "a photo of {class}." prompts, every
+class at or above a threshold, at least the top one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
+
+METHODS = ("auto", "cam", "seg", "clip-es")
+REFINEMENTS = ("none", "crf", "irn")
+PREDICTORS = ("auto", "cam", "clip", "none")
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+ZERO_SHOT_TEMPLATE = "a photo of {}."
+_READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+
+
+# ============================================================================ config and results
+@dataclass
+class LabelerConfig:
+    """Everything needed to build a labeler (picklable: Ray actors and server workers rebuild from it)."""
+
+    model: str | None = None          # checkpoint (.safetensors), .onnx or TensorRT engine; None for clip-es
+    method: str = "auto"              # auto: from the model file
+    device: str = "auto"
+    batch_size: int = 8               # largest batch the network runs
+    refine: str = "none"
+    irn: str | None = None            # IRN boundary checkpoint for refine="irn"
+    predict: str = "auto"             # how missing labels are predicted: auto, cam, clip, none
+    clip: str | None = None           # CLIP file for predict="clip" and clip-es
+    label_threshold: float | None = None  # default 0.5 (cam scores) / 0.25 (clip zero-shot)
+    bg_threshold: float | None = None     # CAM background threshold (default: the model's, 0.15)
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    amp: bool = False
+    threads: int | None = None        # ONNX Runtime intra-op threads
+    options: dict = field(default_factory=dict)  # method-specific extras (clip-es)
+
+    def replace(self, **kw) -> "LabelerConfig":
+        return replace(self, **kw)
+
+
+@dataclass
+class LabelResult:
+    """One image's labeling.
+
+    mask: uint8 (H, W). keys: int64 0-based classes the image is labelled with. cams: float32
+    (len(keys), H, W) when asked. crf_scores / crf_values: the stacked scores a CRF refines and
+    the mask value of each channel (set when refine="crf"). scores: (K,) class scores when the
+    labels were predicted.
+    """
+
+    mask: np.ndarray
+    keys: np.ndarray
+    cams: np.ndarray | None = None
+    crf_scores: np.ndarray | None = None
+    crf_values: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    predicted: bool = False
+
+
+def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Index lists of same-size images, groups in first-appearance order, each split into runs of <= batch_size."""
+    if batch_size < 1:
+        raise WsclipError(f"batch size must be at least 1, got {batch_size}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, hw in enumerate(sizes):
+        groups.setdefault(tuple(int(s) for s in hw), []).append(i)
+    return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+
+
+def _resolve_device(device) -> torch.device:
+    from wsclip.train.loop import resolve_device
+
+    return resolve_device(device)
+
+
+def image_hw(im) -> tuple[int, int]:
+    """(H, W) of an RGB uint8 image: numpy (H, W, 3) or torch (3, H, W)."""
+    return (int(im.shape[-2]), int(im.shape[-1])) if isinstance(im, torch.Tensor) else (int(im.shape[0]), int(im.shape[1]))
+
+
+def _check_images(images: Sequence) -> None:
+    for im in images:
+        ok = (isinstance(im, np.ndarray) and im.ndim == 3 and im.shape[2] == 3 and im.dtype == np.uint8) or (
+            isinstance(im, torch.Tensor) and im.dim() == 3 and im.shape[0] == 3 and im.dtype == torch.uint8)
+        if not ok:
+            desc = f"{tuple(getattr(im, 'shape', ()))} {getattr(im, 'dtype', type(im).__name__)}"
+            raise ShapeError(f"images must be RGB uint8 arrays (H, W, 3) or tensors (3, H, W), got {desc}")
+        if min(image_hw(im)) < 1:
+            raise ShapeError(f"empty image of shape {tuple(im.shape)}")
+
+
+def _stack(images: Sequence, device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) on `device` from same-size HWC arrays or CHW tensors (e.g. decoded on the GPU)."""
+    if isinstance(images[0], torch.Tensor):
+        return torch.stack([im.to(device) for im in images]).contiguous()
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
+    return x.to(device, non_blocking=True).contiguous()
+
+
+def host_image(im) -> np.ndarray:
+    """RGB uint8 (H, W, 3) numpy copy of an image given as numpy HWC or torch CHW."""
+    if isinstance(im, torch.Tensor):
+        return im.permute(1, 2, 0).contiguous().cpu().numpy()
+    return im
+
+
+# ============================================================================ label prediction
+class ClipZeroShot:
+    """CLIP zero-shot multi-label prediction: softmax over class prompts, every class >= threshold (at least one)."""
+
+    def __init__(self, clip_path, classes: Sequence[str], device="cpu", threshold: float = 0.25,
+                 template: str = ZERO_SHOT_TEMPLATE):
+        from wsclip.models.clip import load_clip
+
+        self.clip = load_clip(clip_path, device=device)
+        self.classes = tuple(classes)
+        self.threshold = float(threshold)
+        names = [_READABLE.get(c, c) for c in self.classes]
+        self.text = self.clip.encode_text([template.format(n) for n in names])  # (K, D), cached
+
+    @torch.no_grad()
+    def scores(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, K) class probabilities."""
+        if not images:
+            return np.zeros((0, len(self.classes)), np.float32)
+        x = torch.cat([self.clip.preprocess_tensor(im) for im in images])  # HWC accepted; resized per image
+        feats = self.clip.encode_image(x)
+        return torch.softmax(100.0 * feats @ self.text.T, dim=-1).float().cpu().numpy()
+
+    def predict(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """(multi-hot (B, K) float32, scores (B, K))."""
+        s = self.scores(images)
+        y = (s >= self.threshold).astype(np.float32)
+        if len(s):
+            y[np.arange(len(s)), s.argmax(1)] = 1.0
+        return y, s
+
+
+# ============================================================================ base
+class Labeler:
+    """What `wsclip label`, the server and the Ray job call; subclasses implement `_run_group`."""
+
+    method = "base"
+    needs_labels = True       # the method labels only the classes it is told (or predicts) are present
+
+    def __init__(self, cfg: LabelerConfig, classes: Sequence[str], device: torch.device, backend: str):
+        self.cfg = cfg
+        self.classes = tuple(classes)
+        self.device = device
+        self.backend = backend
+        self.batch_size = int(cfg.batch_size)
+        if self.batch_size < 1:
+            raise WsclipError(f"batch size must be at least 1, got {cfg.batch_size}")
+        if cfg.refine not in REFINEMENTS:
+            raise WsclipError(f"unknown refinement '{cfg.refine}': use one of {', '.join(REFINEMENTS)}")
+        self.refine = cfg.refine
+        self.predictor = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> dict:
+        """Short description for logs, /health and summaries."""
+        return {"method": self.method, "backend": self.backend, "device": str(self.device),
+                "classes": len(self.classes), "refine": self.refine, "batch_size": self.batch_size,
+                "predict": type(self.predictor).__name__ if self.predictor is not None else self.cfg.predict}
+
+    def label_batch(self, images: Sequence[np.ndarray], labels: Sequence | None = None,
+                    want_cams: bool = False) -> list[LabelResult]:
+        """Label RGB uint8 (H, W, 3) images; `labels[i]` a (K,) 0/1 vector or None (predicted when needed)."""
+        images = list(images)
+        _check_images(images)
+        labels = [None] * len(images) if labels is None else list(labels)
+        if len(labels) != len(images):
+            raise ShapeError(f"{len(labels)} label vectors for {len(images)} images")
+        labels = [self._check_labels(y) for y in labels]
+        out: list[LabelResult | None] = [None] * len(images)
+        for idx in plan_batches([image_hw(im) for im in images], self.batch_size):
+            for i, r in zip(idx, self._run_group([images[i] for i in idx], [labels[i] for i in idx], want_cams)):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def warmup(self, hw: tuple[int, int] = (64, 64)) -> None:
+        """One run on a blank image so the first request pays no lazy initialisation."""
+        y = np.zeros(self.num_classes, np.float32)
+        y[:1] = 1
+        self.label_batch([np.zeros((*hw, 3), np.uint8)], [y if self.needs_labels else None])
+
+    # ------------------------------------------------------------------ helpers
+    def _check_labels(self, y):
+        if y is None:
+            return None
+        y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y, dtype=np.float32).reshape(-1)
+        if y.shape != (self.num_classes,):
+            raise ShapeError(f"a label vector must have {self.num_classes} entries (one per class), got {y.shape[0]}")
+        return (y > 0.5).astype(np.float32)
+
+    def _fill_labels(self, images, labels, own_scores=None) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """(B, K) labels with missing rows predicted; also the per-image predicted scores (or None)."""
+        y = np.zeros((len(images), self.num_classes), np.float32)
+        scores: list[np.ndarray | None] = [None] * len(images)
+        missing = [i for i, lab in enumerate(labels) if lab is None]
+        for i, lab in enumerate(labels):
+            if lab is not None:
+                y[i] = lab
+        if not missing or not self.needs_labels:
+            return y, scores
+        if own_scores is not None and isinstance(self.predictor, _OwnScores):
+            s = own_scores[missing]
+            pred = (s >= self.predictor.threshold).astype(np.float32)
+            pred[np.arange(len(missing)), s.argmax(1)] = 1.0
+        elif isinstance(self.predictor, ClipZeroShot):
+            pred, s = self.predictor.predict([images[i] for i in missing])
+        else:
+            raise WsclipError(
+                f"the {self.method} method needs image-level labels and none were given for some images: pass a "
+                "labels file (--labels), or predict them (--predict cam with a PyTorch CAM checkpoint, or "
+                "--predict clip --clip CLIP_FILE)"
+            )
+        for j, i in enumerate(missing):
+            y[i] = pred[j]
+            scores[i] = s[j].astype(np.float32)
+        return y, scores
+
+    def _run_group(self, images, labels, want_cams) -> list[LabelResult]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class _OwnScores:
+    """Marker: predict labels from the network's own class scores."""
+
+    threshold: float = 0.5
+
+
+def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool, want_crf: bool,
+                 scores, mask: torch.Tensor | None = None) -> list[LabelResult]:
+    """Per-image results from max-normalised CAMs (B, K, H, W) of all classes and labels y (B, K)."""
+    if mask is None:
+        sel = cams * y[:, :, None, None].to(cams.dtype)
+        mask = torch.cat([torch.full_like(sel[:, :1], bg), sel], dim=1).argmax(dim=1)
+    mask_np = mask.to(torch.uint8).cpu().numpy()
+    out = []
+    for i in range(cams.shape[0]):
+        keys = torch.nonzero(y[i] > 0.5).flatten()
+        r = LabelResult(mask=mask_np[i], keys=keys.cpu().numpy().astype(np.int64),
+                        scores=scores[i], predicted=scores[i] is not None)
+        if want_cams or want_crf:
+            sel = cams[i, keys.to(cams.device)].float().cpu().numpy()
+            if want_cams:
+                r.cams = sel
+            if want_crf:
+                r.crf_scores = np.concatenate([np.full((1, *sel.shape[1:]), bg, np.float32), sel])
+                r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
+        out.append(r)
+    return out
+
+
+# ============================================================================ CAM network
+class CamNetLabeler(Labeler):
+    """A CAM network (PyTorch `CamLabeler`, or an exported camnet run by ONNX Runtime / TensorRT)."""
+
+    method = "cam"
+
+    def __init__(self, cfg: LabelerConfig):
+        from wsclip.label.cam_labeler import CAM_BG_THRESHOLD
+
+        path = Path(cfg.model)
+        device = _resolve_device(cfg.device)
+        if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
+            from wsclip.export.parity import open_artefact
+
+            kw = {"threads": cfg.threads} if path.suffix == ".onnx" and cfg.threads else {}
+            self.runner = open_artefact(path, device=str(device), **kw)
+            if self.runner.model != "camnet":
+                raise CheckpointError(f"{path} is an exported '{self.runner.model}' model, not a CAM network")
+            conf = self.runner.meta.get("config") or {}
+            self.bg = float(cfg.bg_threshold if cfg.bg_threshold is not None else conf.get("bg_threshold", CAM_BG_THRESHOLD))
+            self.module = None
+            backend = "tensorrt" if path.suffix in ENGINE_SUFFIXES else "onnxruntime"
+            classes = self.runner.classes
+        else:
+            from wsclip.label.cam_labeler import load_cam_labeler
+
+            self.bg = float(cfg.bg_threshold if cfg.bg_threshold is not None else CAM_BG_THRESHOLD)
+            self.module = load_cam_labeler(path, device=device, bg_threshold=self.bg, scales=tuple(cfg.scales),
+                                           flip=cfg.flip)
+            self.runner = None
+            backend = "pytorch"
+            classes = self.module.classes
+            if device.type == "cuda":
+                torch.backends.cudnn.benchmark = False  # same algorithms every run: reproducible masks
+        super().__init__(cfg, classes, device, backend)
+        self.irn = None
+        if self.refine == "irn":
+            if self.module is None:
+                raise WsclipError("--refine irn needs the PyTorch CAM checkpoint (the IRN step runs in PyTorch)")
+            if not cfg.irn:
+                raise WsclipError("--refine irn needs --irn IRN_CHECKPOINT (the output of `wsclip train irn`)")
+            from wsclip.models.irn import load_irn
+
+            self.irn, _ = load_irn(cfg.irn, device=device)
+        self.predictor = _make_predictor(cfg, self, own_scores=self.module is not None)
+
+    def _cams(self, x: torch.Tensor, want_scores: bool):
+        """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None)."""
+        if self.module is None:
+            out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
+            return torch.from_numpy(out["cams"]).to(self.device), None
+        raw = []
+        hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
+        try:
+            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
+                   else torch.autocast(self.device.type, enabled=False))
+            with torch.inference_mode(), ctx:
+                cams, _ = self.module(x, None)
+        finally:
+            if hook is not None:
+                hook.remove()
+        scores = torch.sigmoid(raw[0].float().mean(dim=(2, 3))).cpu().numpy() if raw else None
+        return cams.float(), scores
+
+    def _run_group(self, images, labels, want_cams):
+        x = _stack(images, self.device)
+        need_pred = self.needs_labels and any(lab is None for lab in labels)
+        cams, own = self._cams(x, want_scores=need_pred and isinstance(self.predictor, _OwnScores))
+        y_np, scores = self._fill_labels(images, labels, own)
+        y = torch.from_numpy(y_np).to(cams.device)
+        mask = self._irn_mask(x, cams, y) if self.irn is not None else None
+        return _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask)
+
+    def _irn_mask(self, x: torch.Tensor, cams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """IRN random walk (radius 5, beta 10, 2^8 steps) of the stride-4 CAMs on the boundary map; (B, H, W)."""
+        from wsclip.refine.random_walk import irn_refine
+
+        h, w = x.shape[-2:]
+        with torch.inference_mode():
+            edge = self.irn.boundary(self.module.normalize(x))  # (B, h4, w4)
+            grid = tuple(edge.shape[-2:])
+            masks = []
+            for i in range(x.shape[0]):
+                keys = torch.nonzero(y[i] > 0.5).flatten()
+                small = F.interpolate(cams[i:i + 1, keys], size=grid, mode="bilinear", align_corners=False)
+                small = small / (small.amax(dim=(2, 3), keepdim=True) + 1e-5)
+                _, lab = irn_refine(small[0], edge[i], size=(h, w))
+                values = torch.cat([keys.new_zeros(1), keys + 1])
+                masks.append(values[lab])
+        return torch.stack(masks)
+
+
+# ============================================================================ segmentation network
+class SegNetLabeler(Labeler):
+    """A segmentation network (PyTorch `SegLabeler`, or an exported seg model); labels, if given, restrict the argmax."""
+
+    method = "seg"
+    needs_labels = False
+
+    def __init__(self, cfg: LabelerConfig):
+        path = Path(cfg.model)
+        device = _resolve_device(cfg.device)
+        if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
+            from wsclip.export.parity import open_artefact
+
+            kw = {"threads": cfg.threads} if path.suffix == ".onnx" and cfg.threads else {}
+            self.runner = open_artefact(path, device=str(device), **kw)
+            if self.runner.model != "seg":
+                raise CheckpointError(f"{path} is an exported '{self.runner.model}' model, not a segmentation network")
+            self.module, backend, classes = None, ("tensorrt" if path.suffix in ENGINE_SUFFIXES else "onnxruntime"), self.runner.classes
+        else:
+            from wsclip.label.seg_labeler import load_seg_labeler
+
+            self.module = load_seg_labeler(path, device=device, scales=tuple(cfg.scales), flip=cfg.flip)
+            self.runner, backend, classes = None, "pytorch", self.module.classes
+        if cfg.refine == "irn":
+            raise WsclipError("--refine irn applies to CAM networks; use --refine crf or none with a segmentation network")
+        super().__init__(cfg, classes, device, backend)
+
+    def _run_group(self, images, labels, want_cams):
+        x = _stack(images, self.device)
+        if self.module is None:
+            probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
+        else:
+            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
+                   else torch.autocast(self.device.type, enabled=False))
+            with torch.inference_mode(), ctx:
+                probs, _ = self.module(x)
+            probs = probs.float()
+        allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
+        for i, lab in enumerate(labels):
+            if lab is not None:
+                allow[i, 1:] = torch.from_numpy(lab > 0.5).to(probs.device)
+        masked = torch.where(allow[:, :, None, None], probs, torch.full_like(probs, -1.0))
+        mask = masked.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        out = []
+        for i in range(len(images)):
+            keys = np.unique(mask[i])
+            r = LabelResult(mask=mask[i], keys=(keys[keys > 0].astype(np.int64) - 1))
+            if self.refine == "crf":
+                r.crf_scores = (probs[i] * allow[i, :, None, None]).cpu().numpy()
+                r.crf_values = np.arange(probs.shape[1], dtype=np.uint8)
+            out.append(r)
+        return out
+
+
+# ============================================================================ CLIP-ES
+class ClipEsLabeler(Labeler):
+    """Training-free CLIP-ES (GradCAM on CLIP + CAA); needs `wsclip.label.clip_es` and a ViT CLIP file."""
+
+    method = "clip-es"
+
+    def __init__(self, cfg: LabelerConfig):
+        try:
+            from wsclip.label import clip_es
+        except ImportError as exc:
+            raise WsclipError(f"the clip-es method is not available in this build ({exc})") from None
+        if not cfg.clip:
+            raise WsclipError("--method clip-es needs --clip CLIP_FILE (a ViT CLIP, e.g. ViT-B-16)")
+        device = _resolve_device(cfg.device)
+        self.impl = clip_es.load_labeler(cfg.clip, device=device, **cfg.options) if hasattr(clip_es, "load_labeler") \
+            else None
+        if self.impl is None:
+            raise WsclipError("this build's wsclip.label.clip_es has no load_labeler(); the clip-es method is unavailable")
+        if cfg.refine == "irn":
+            raise WsclipError("--refine irn applies to CAM networks; CLIP-ES refines with CAA (built in) and --refine crf")
+        super().__init__(cfg, self.impl.classes, device, "pytorch")
+        self.bg = None
+        self.predictor = _make_predictor(cfg, self, own_scores=False)
+
+    def _run_group(self, images, labels, want_cams):
+        y, scores = self._fill_labels(images, labels)
+        out = []
+        for i, im in enumerate(images):  # CLIP-ES runs per image (its CAA affinity is per image)
+            keys = np.nonzero(y[i] > 0.5)[0].astype(np.int64)
+            res = self.impl.label(host_image(im), keys)  # {"mask": (H, W), "cams": (K', H, W), "scores": (1+K', H, W)}
+            r = LabelResult(mask=np.asarray(res["mask"], np.uint8), keys=keys, scores=scores[i],
+                            predicted=scores[i] is not None)
+            if want_cams:
+                r.cams = np.asarray(res["cams"], np.float32)
+            if self.refine == "crf":
+                r.crf_scores = np.asarray(res["scores"], np.float32)
+                r.crf_values = np.concatenate([[0], keys + 1]).astype(np.uint8)
+            out.append(r)
+        return out
+
+
+# ============================================================================ factory
+def _make_predictor(cfg: LabelerConfig, lab: Labeler, own_scores: bool):
+    mode = cfg.predict
+    if mode not in PREDICTORS:
+        raise WsclipError(f"unknown label predictor '{mode}': use one of {', '.join(PREDICTORS)}")
+    if mode == "auto":
+        mode = "clip" if cfg.clip and not own_scores else ("cam" if own_scores else ("clip" if cfg.clip else "none"))
+    if mode == "none":
+        return None
+    if mode == "cam":
+        if not own_scores:
+            raise WsclipError(f"--predict cam needs a PyTorch CAM network checkpoint; this {lab.method} labeler "
+                              f"({lab.backend}) has no class scores: use --predict clip --clip CLIP_FILE")
+        return _OwnScores(0.5 if cfg.label_threshold is None else float(cfg.label_threshold))
+    if not cfg.clip:
+        raise WsclipError("--predict clip needs --clip CLIP_FILE (an open_clip or OpenAI CLIP checkpoint)")
+    thr = 0.25 if cfg.label_threshold is None else float(cfg.label_threshold)
+    return ClipZeroShot(cfg.clip, lab.classes, device=lab.device, threshold=thr)
+
+
+def detect_method(model) -> str:
+    """'cam' or 'seg' from a checkpoint's sidecar kind or an exported model's sidecar."""
+    import json
+
+    path = Path(model)
+    if not path.exists():
+        from wsclip.errors import MissingFileError
+
+        raise MissingFileError(f"model not found: {path}")
+    if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
+        from wsclip.export.onnx import read_sidecar
+
+        kind = read_sidecar(path).get("model")
+        names = {"camnet": "cam", "seg": "seg"}
+    else:
+        from wsclip.io import sidecar_path
+
+        side = sidecar_path(path)
+        try:
+            kind = json.loads(side.read_text()).get("kind") if side.is_file() else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadFileError(f"{side} is not valid JSON: {exc}") from None
+        names = {"camnet": "cam", "seg": "seg"}
+    if kind not in names:
+        raise CheckpointError(f"{path} is a '{kind}' model; `wsclip label` takes a CAM network or a segmentation "
+                              "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")
+    return names[kind]
+
+
+def load_labeler(cfg: LabelerConfig | None = None, **kw) -> Labeler:
+    """Build the labeler a config describes (keywords override or replace the config's fields)."""
+    cfg = (cfg or LabelerConfig()).replace(**kw) if kw else (cfg or LabelerConfig())
+    if cfg.method not in METHODS:
+        raise WsclipError(f"unknown method '{cfg.method}': use one of {', '.join(METHODS)}")
+    method = cfg.method
+    if method == "auto":
+        if cfg.model is None:
+            method = "clip-es" if cfg.clip else None
+            if method is None:
+                raise WsclipError("give a model (--model CAM/seg checkpoint, .onnx or engine) or --method clip-es --clip FILE")
+        else:
+            method = detect_method(cfg.model)
+    if method in ("cam", "seg") and not cfg.model:
+        raise WsclipError(f"--method {method} needs --model (a checkpoint, .onnx file or TensorRT engine)")
+    if cfg.threads and cfg.device in ("auto", "cpu"):
+        torch.set_num_threads(int(cfg.threads))
+    cls = {"cam": CamNetLabeler, "seg": SegNetLabeler, "clip-es": ClipEsLabeler}[method]
+    return cls(cfg)
+
+
+# ============================================================================ refinement (worker pools)
+def refine_result(image: np.ndarray, result: LabelResult, crf_params=None) -> LabelResult:
+    """Apply the dense CRF to a result that carries `crf_scores` (no-op otherwise); picklable for process pools."""
+    if result.crf_scores is None:
+        return result
+    from wsclip.refine.crf import CRFParams, dense_crf
+
+    if result.crf_scores.shape[0] <= 1:  # background only: nothing to refine
+        result.crf_scores = None
+        return result
+    q = dense_crf(image, result.crf_scores, crf_params or CRFParams())
+    result.mask = result.crf_values[q.argmax(0)].astype(np.uint8)
+    result.crf_scores = None
+    return result
+
+
+# ============================================================================ output encodings
+def rle_encode(binary: np.ndarray) -> dict:
+    """COCO compressed RLE {"size": [H, W], "counts": str} of a boolean (H, W) mask (column-major runs)."""
+    b = np.asarray(binary, dtype=bool)
+    if b.ndim != 2:
+        raise ShapeError(f"RLE needs a 2-D mask, got shape {b.shape}")
+    flat = b.T.reshape(-1).astype(np.int8)  # Fortran order
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    return {"size": [int(b.shape[0]), int(b.shape[1])], "counts": _rle_string(counts)}
+
+
+def _rle_string(counts: list[int]) -> str:
+    """COCO's LEB128-like text form: 5 bits a character (offset 48), runs after the 3rd stored as deltas."""
+    out = []
+    for i, c in enumerate(counts):
+        x = int(c) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            ch = x & 0x1F
+            x >>= 5
+            more = (x != -1) if (ch & 0x10) else (x != 0)
+            if more:
+                ch |= 0x20
+            out.append(chr(ch + 48))
+    return "".join(out)
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """Boolean (H, W) mask of a COCO compressed RLE (inverse of rle_encode)."""
+    h, w = (int(v) for v in rle["size"])
+    s, counts, p = rle["counts"], [], 0
+    while p < len(s):
+        x = k = 0
+        more = True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    if sum(counts) != h * w or any(c < 0 for c in counts):
+        raise BadFileError(f"RLE counts do not describe a {h}x{w} mask")
+    flat = np.repeat(np.arange(len(counts)) % 2, counts).astype(bool)
+    return flat.reshape(w, h).T
+
+
+def mask_annotations(mask: np.ndarray, classes: Sequence[str]) -> list[dict]:
+    """COCO-style annotations (category_id = mask value, segmentation RLE, area, bbox) of each class in a mask."""
+    out = []
+    for v in np.unique(mask):
+        v = int(v)
+        if v in (0, 255):
+            continue
+        b = mask == v
+        ys, xs = np.nonzero(b)
+        name = classes[v - 1] if 0 < v <= len(classes) else str(v)
+        out.append({"category_id": v, "category": name, "segmentation": rle_encode(b), "area": int(b.sum()),
+                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]})
+    return out
+
+
+__all__ = [
+    "METHODS", "REFINEMENTS", "PREDICTORS", "LabelerConfig", "LabelResult", "Labeler", "CamNetLabeler",
+    "SegNetLabeler", "ClipEsLabeler", "ClipZeroShot", "plan_batches", "load_labeler", "detect_method",
+    "refine_result", "rle_encode", "rle_decode", "mask_annotations", "image_hw", "host_image",
+]

@@ -1,0 +1,197 @@
+"""CLIMS training (`wsclip train clims`), METHODS.md sections 2-3.
+
+The CAM net runs in sigmoid mode; for every positive (image, class) pair the masked
+foreground and background images are built by `wsclip.kernels.masked_batch` and encoded
+by a frozen CLIP in ONE call (fg features serve both OTM and CBS); text features are
+encoded once per run. L = alpha OTM + beta BTM + gamma CBS + delta REG.
+
+Reductions are those of the global batch of a step: under DDP the OTM/BTM means use
+the pair count of all processes and CBS sums over all of them (`loop.global_scale`),
+so N processes train exactly like one process on the same global batch. With gradient
+accumulation CBS is still the sum over the step's batch; OTM/BTM become the mean of the
+micro-batch means (equal to the batch mean when micro-batches hold equal pair counts).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from wsclip.config import ClimsConfig, save_yaml
+from wsclip.errors import WsclipError
+from wsclip.train import losses
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resolve_text(cfg: ClimsConfig, classes: Sequence[str], dataset=None) -> tuple[list[str], list[str]]:
+    """(prompt names per class, background words) for a dataset's classes under `cfg`."""
+    from wsclip import vocab
+
+    names = list(cfg.class_names) if cfg.class_names else None
+    if names is None:
+        canonical = vocab.DATASET_CLASSES.get(cfg.text)
+        if canonical is not None and tuple(classes) == tuple(canonical):
+            names = list(vocab.method_text(cfg.text, "clims")[0])
+        else:
+            names = list(classes)
+    if len(names) != len(classes):
+        raise WsclipError(f"{len(names)} prompt names (class_names) for a dataset with {len(classes)} classes")
+    if cfg.background is not None:
+        bg = list(cfg.background)
+    elif getattr(dataset, "background_words", None):
+        bg = list(dataset.background_words)
+    elif dataset is not None and getattr(dataset, "root", None) and (Path(dataset.root) / "backgrounds.txt").is_file():
+        bg = [w.strip() for w in (Path(dataset.root) / "backgrounds.txt").read_text().splitlines() if w.strip()]
+    elif cfg.text == "synth":
+        from wsclip.data.synth import SYNTH_BACKGROUND_WORDS
+
+        bg = list(SYNTH_BACKGROUND_WORDS)
+    elif cfg.text in ("voc", "coco"):
+        bg = list(vocab.method_text(cfg.text, "clims")[1])
+    else:
+        raise WsclipError(f"no background words for vocabulary '{cfg.text}': pass --background WORD ...")
+    return names, bg
+
+
+def background_mask(cfg: ClimsConfig, classes: Sequence[str], background: Sequence[str]) -> torch.Tensor | None:
+    """(K, L) bool: which background words CBS uses per class (None = all, the official version)."""
+    if not cfg.background_per_class:
+        return None
+    from wsclip.vocab import class_index
+
+    mask = torch.zeros(len(classes), len(background), dtype=torch.bool)
+    for cls, words in cfg.background_per_class.items():
+        k = class_index(cls, classes)
+        for w in words:
+            if w not in background:
+                raise WsclipError(f"background word '{w}' for class '{cls}' is not in the background list {list(background)}")
+            mask[k, list(background).index(w)] = True
+    return mask
+
+
+class ClimsObjective:
+    """step_fn for the Trainer: the four CLIMS losses on one batch.
+
+    clip: a frozen wsclip ClipModel; fg_text (K, D) and bg_text (L, D) L2-normalised text
+    features computed once; bg_mask (K, L) optional per-class CBS word mask.
+    """
+
+    def __init__(self, clip, fg_text: torch.Tensor, bg_text: torch.Tensor, cfg: ClimsConfig,
+                 bg_mask: torch.Tensor | None = None):
+        self.clip, self.cfg = clip, cfg
+        self.fg_text, self.bg_text = fg_text, bg_text
+        self.bg_mask = bg_mask.to(fg_text.device) if bg_mask is not None else None
+        if cfg.mask_norm == "clip":
+            self.norm = (tuple(clip.mean), tuple(clip.std))
+        elif cfg.mask_norm == "imagenet":
+            self.norm = (IMAGENET_MEAN, IMAGENET_STD)
+        else:
+            raise WsclipError(f"mask_norm must be 'clip' or 'imagenet', got '{cfg.mask_norm}'")
+
+    def __call__(self, model, batch):
+        from wsclip.kernels import masked_batch
+        from wsclip.train.loop import global_scale, world_size
+
+        cfg = self.cfg
+        x, labels = batch["image"], batch["labels"]
+        cams = torch.sigmoid(model(x).float())  # (B, K, h, w)
+        pairs = labels.nonzero()  # (M, 2): (image, class)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        images = (x.float() * std + mean).clamp(0.0, 1.0)  # back to [0, 1]; zero padding -> mean colour
+        # (2M, 3, S, S) = [fg of every pair; bg of every pair], one CLIP batch, one encoder call
+        both = masked_batch(images, cams, pairs, size=self.clip.image_size, mean=self.norm[0], std=self.norm[1],
+                            out_dtype=self.clip.dtype, backend=cfg.kernel_backend, stacked=True)
+        m = pairs.shape[0]
+        feats = self.clip.encode_image(both)
+        f_fg, f_bg = feats[:m], feats[m:]
+        t = self.fg_text[pairs[:, 1]]
+        s_fg = (f_fg * t).sum(-1)
+        s_bg = (f_bg * t).sum(-1)
+        c = f_fg @ self.bg_text.t()  # (M, L): fg features reused
+        word_mask = self.bg_mask[pairs[:, 1]] if self.bg_mask is not None else None
+
+        accum = max(1, int(cfg.accum_steps))
+        mean_scale = global_scale(m, x.device)  # local mean -> share of the global-batch mean
+        sum_scale = world_size() * accum  # local sum -> share of the global-batch sum
+        terms = {
+            "otm": losses.otm(s_fg) * mean_scale,
+            "btm": losses.btm(s_bg) * mean_scale,
+            "cbs": losses.cbs(c, cfg.tau, word_mask) * sum_scale,
+            "reg": losses.area(cams),
+        }
+        loss = cfg.alpha * terms["otm"] + cfg.beta * terms["btm"] + cfg.gamma * terms["cbs"] + cfg.delta * terms["reg"]
+        return loss, terms
+
+
+def load_frozen_clip(spec: str, device, precision: str = "fp32"):
+    """load_clip + an explicit freeze (eval mode, no parameter requires grad)."""
+    from wsclip.models.clip import load_clip
+
+    clip = load_clip(spec, device=device, precision=precision)
+    clip.model.eval()
+    for p in clip.model.parameters():
+        p.requires_grad_(False)
+    return clip
+
+
+def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None, callbacks: Iterable = ()) -> Path:
+    """Train a CAM network with the CLIMS losses; returns the path of the final checkpoint.
+
+    `dataset` / `clip` may be given pre-built (tests, notebooks); otherwise they come from
+    cfg.data and cfg.clip.
+    """
+    from wsclip.models.camnet import build_camnet, load_camnet, save_camnet
+    from wsclip.train.baseline_cam import FINAL_NAME, camnet_meta, open_train_dataset, trainer_kwargs
+    from wsclip.train.loop import Trainer, init_distributed, rank, resolve_device, seed_everything
+
+    cfg.validate()
+    init_distributed()
+    device = resolve_device(cfg.device)
+    ds = dataset if dataset is not None else open_train_dataset(cfg)
+    classes = tuple(ds.classes)
+    names, background = resolve_text(cfg, classes, ds)
+    word_mask = background_mask(cfg, classes, background)
+
+    seed_everything(cfg.seed)
+    if cfg.init:
+        net, meta = load_camnet(cfg.init)
+        if net.num_classes != len(classes):
+            raise WsclipError(
+                f"{cfg.init} was trained for {net.num_classes} classes, the dataset has {len(classes)}: "
+                "start from a baseline trained on this dataset"
+            )
+        net.train()
+    else:
+        net = build_camnet(cfg.backbone, len(classes), cfg.pretrained)
+        if rank() == 0:
+            print("note: CLIMS starts from a baseline CAM network in the papers; pass --init "
+                  "(the output of `wsclip train cam`)", file=sys.stderr)
+
+    if clip is None:
+        clip = load_frozen_clip(cfg.clip, device, cfg.clip_precision)
+    fg_text = clip.encode_text([cfg.template.format(n) for n in names]).to(device)
+    bg_text = clip.encode_text([cfg.template.format(w) for w in background]).to(device)
+    objective = ClimsObjective(clip, fg_text, bg_text, cfg, word_mask)
+
+    back, head = net.param_groups()
+    trainer = Trainer(
+        net, objective, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
+        model_meta=camnet_meta(net, classes, cfg.preset), desc="train clims", callbacks=callbacks,
+        **trainer_kwargs(cfg),
+    )
+    out = Path(cfg.out)
+    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
+        save_yaml(cfg, out / "config.yaml")
+    model = trainer.fit(resume=resume)
+    final = out / FINAL_NAME
+    if trainer.is_main:
+        save_camnet(final, model, classes, preset=cfg.preset,
+                    extra={"trained": "clims", "steps": trainer.max_steps, "clip": str(cfg.clip),
+                           "prompts": names, "background": background})
+    return final
