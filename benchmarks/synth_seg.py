@@ -67,7 +67,7 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
     make_cams(cam_ckpt, f"voc:{world}", work / "cams", split="train", device="cpu", num_workers=1)
     info["cam_infer_s"] = round(time.time() - t0, 1)
     gt_dir, split = world / "SegmentationClass", world / "ImageSets" / "Segmentation" / "train.txt"
-    thresholds = [round(0.05 * i, 2) for i in range(1, 13)]
+    thresholds = [round(0.05 * i, 2) for i in range(1, 20)]
     cms = evaluate_cams(work / "cams", gt_dir, thresholds, NUM_CLASSES, split=split)
     sweep = {t: cm.miou() for t, cm in cms.items()}
     best = max(sweep, key=sweep.get)
@@ -83,6 +83,13 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
     from wsclip.refine.crf import dense_crf
 
     full, cgl = work / "pseudo_argmax", work / "pseudo"
+    stamp = work / "pseudo_settings.json"
+    settings = {"bg_threshold": best, "crf": crf, "confidence": confidence}
+    if stamp.is_file() and json.loads(stamp.read_text()) != settings:
+        import shutil
+
+        for d in (full, cgl, work / "seg", work / "pred_val", work / "pred_train"):  # and what was built on them
+            shutil.rmtree(d, ignore_errors=True)
     ids = [ln.strip() for ln in split.read_text().splitlines() if ln.strip()]
     t0 = time.time()
     for i in ids:
@@ -100,6 +107,7 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
         lab = labels[q.argmax(0)]
         write_mask(full / f"{i}.png", lab)
         write_mask(cgl / f"{i}.png", np.where(q.max(0) < confidence, 255, lab).astype(np.uint8))
+    stamp.write_text(json.dumps(settings))
     info.update(crf=crf, confidence=confidence, pseudo_s=round(time.time() - t0, 1))
     return info
 

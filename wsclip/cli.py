@@ -447,7 +447,8 @@ def _add_export_check(sub):
     p.add_argument("--batch", type=int, default=4, help="batch size for the real images")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error of float outputs (default 1e-4)")
     p.add_argument("--min-agreement", type=float, default=1.0,
-                   help="min fraction of decisive mask pixels that agree (default 1.0; near-ties are reported apart)")
+                   help="min fraction of mask pixels that agree, near-ties (top two scores within the "
+                        "tolerance) apart (default 1.0)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cpu for .onnx, cuda for engines)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     p.set_defaults(func=_run_export_check)
@@ -521,6 +522,7 @@ def _labeler_args(p):
     p.add_argument("--predict", choices=("auto", "cam", "clip", "none"), default="auto",
                    help="how missing image-level labels are predicted: the CAM network's class scores or CLIP zero-shot")
     p.add_argument("--clip", help="CLIP file for --predict clip and --method clip-es")
+    p.add_argument("--classes", help="[clip-es] class list: voc, coco or a file with one name per line (default voc)")
     p.add_argument("--label-threshold", type=float, help="score threshold of predicted labels (0.5 cam, 0.25 clip)")
     p.add_argument("--bg-threshold", type=float, help="CAM background threshold (default the model's, 0.15)")
     p.add_argument("--scales", default="1.0", help="comma-separated test scales (CAM/seg PyTorch backend)")
@@ -543,7 +545,7 @@ def _labeler_config(args):
     return LabelerConfig(model=args.model, method=args.method, device=args.device, batch_size=args.batch_size,
                          refine=args.refine, irn=args.irn, predict=args.predict, clip=args.clip,
                          label_threshold=args.label_threshold, bg_threshold=args.bg_threshold, scales=scales,
-                         flip=args.flip, amp=args.amp, threads=args.threads)
+                         flip=args.flip, amp=args.amp, threads=args.threads, classes=args.classes)
 
 
 def _add_label(sub):
@@ -596,6 +598,198 @@ def _run_label(args):
     return 1 if summary["errors"] and args.on_error == "fail" else 0
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="HTTP labeling server (extra [serve]): POST /v1/label, /health, /metrics")
+    _labeler_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="largest dynamic batch")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=36_000_000, help="largest image (width x height)")
+    p.add_argument("--max-batch-items", type=int, default=32, help="images per /v1/label/batch request")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its result")
+    p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args):
+    import os
+
+    from wsclip.serve.server import ServeConfig, serve
+
+    token = os.environ.get("WSCLIP_SERVE_TOKEN") or None
+    if args.token_file is not None:
+        if not args.token_file.is_file():
+            raise WsclipError(f"token file not found: {args.token_file}")
+        token = args.token_file.read_text().strip() or None
+        if token is None:
+            raise WsclipError(f"token file {args.token_file} is empty")
+    cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                      max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
+                      max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout, token=token)
+    lab = _labeler_config(args)
+    return serve(lab.replace(batch_size=max(lab.batch_size, args.max_batch_size)), cfg, log_level=args.log_level)
+
+
+# ============================================================================ pseudo / refine / prompts (CLIP-ES, IRN, CRF)
+def _pseudo_common_args(p, crf_default: bool = False):
+    p.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz CAM files (`wsclip cam` output)")
+    p.add_argument("--out", required=True, type=Path, help="output folder of <id>.png palette masks (re-running resumes)")
+    p.add_argument("--data", help="dataset (path or voc:/coco:/folder: spec): the images for --crf / --irn, and the ids")
+    p.add_argument("--split", default="train", help="split of --data (default train)")
+    p.add_argument("--key", default="high_res", help="maps to use from the CAM files (high_res_raw: CLIP-ES without CAA)")
+    p.add_argument("--bg", choices=("power", "threshold"), default="power",
+                   help="background score: (1 - max)^alpha (CLIP-ES) or a constant threshold")
+    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the power background (default 1)")
+    p.add_argument("--bg-threshold", type=float, default=0.15, help="constant background score for --bg threshold")
+    if not crf_default:
+        p.add_argument("--crf", action="store_true", help="refine with a dense CRF (needs the [crf] extra)")
+    p.add_argument("--crf-uint8-wrap", action="store_true",
+                   help="CRF compatibility with the public CLIP-ES code: mean-subtracted image cast to uint8 (wraps)")
+    p.add_argument("--confidence", type=float, help="pixels whose max score/posterior is below this become 255")
+    p.add_argument("--cgl", action="store_true", help="CLIP-ES confidence-guided masks: --confidence 0.95")
+    p.add_argument("--workers", type=int, help="CRF worker processes (default: all cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (random walk, IRN)")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="fail",
+                   help="a corrupt or mismatched CAM file: report it and skip the image, or stop (default)")
+
+
+def _rw_args(p):
+    p.add_argument("--irn", type=Path, help="IRN random walk with this boundary network (`wsclip train irn` output)")
+    p.add_argument("--edges", type=Path, help="IRN random walk with boundary maps <id>.npy/.npz (stride 4) from this folder")
+    p.add_argument("--rw-beta", type=float, default=10.0, help="random-walk beta (default 10)")
+    p.add_argument("--rw-exp-times", type=int, default=8, help="random-walk exp_times t: T^(2^t) (default 8)")
+    p.add_argument("--rw-radius", type=int, default=5, help="random-walk radius (default 5)")
+    p.add_argument("--rw-bg-threshold", type=float, default=0.20, help="random-walk background (0.20 VOC, 0.25 COCO)")
+
+
+def _run_pseudo_masks(args, crf: bool):
+    from wsclip.label.pseudo import PseudoConfig, make_pseudo_masks
+    from wsclip.refine.crf import CRFParams
+
+    confidence = 0.95 if args.cgl else args.confidence
+    cfg = PseudoConfig(key=args.key, bg=args.bg, alpha=args.alpha, bg_threshold=args.bg_threshold, crf=crf,
+                       crf_params=CRFParams(uint8_wrap=args.crf_uint8_wrap), confidence=confidence,
+                       on_error=args.on_error, workers=args.workers,
+                       **({"rw_beta": args.rw_beta, "rw_exp_times": args.rw_exp_times, "rw_radius": args.rw_radius,
+                           "rw_bg_threshold": args.rw_bg_threshold} if hasattr(args, "rw_beta") else {}))
+    res = make_pseudo_masks(args.cams, args.out, data=args.data, split=args.split, cfg=cfg,
+                            irn=getattr(args, "irn", None), edges_dir=getattr(args, "edges", None), device=args.device)
+    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {len(res['failed'])} failed, "
+          f"{res['total']} images)")
+    for image_id, msg in res["failed"]:
+        print(f"  failed {image_id}: {msg}")
+    return 0  # skipped images were the user's choice (--on-error skip) and are listed above
+
+
+def _add_pseudo(sub):
+    p = sub.add_parser("pseudo", help="pseudo masks (palette PNGs) from CAM files: background, optional random walk, "
+                                      "CRF and confidence filter (resumes)")
+    _pseudo_common_args(p)
+    _rw_args(p)
+    p.set_defaults(func=_run_pseudo)
+
+
+def _run_pseudo(args):
+    return _run_pseudo_masks(args, crf=args.crf)
+
+
+def _add_refine_crf(sub):
+    g = _group(sub, "refine", "one refinement alone (see `wsclip refine <what> --help`)")
+    p = g.add_parser("crf", help="dense CRF of CAM files with their images -> palette PNG masks")
+    _pseudo_common_args(p, crf_default=True)
+    p.set_defaults(func=_run_refine_crf)
+
+
+def _run_refine_crf(args):
+    if not args.data:
+        raise WsclipError("wsclip refine crf needs the images: pass --data")
+    return _run_pseudo_masks(args, crf=True)
+
+
+def _add_refine_rw(sub):
+    g = _group(sub, "refine", "one refinement alone (see `wsclip refine <what> --help`)")
+    p = g.add_parser("rw", help="IRN random walk of CAM files with boundary maps -> palette PNG masks")
+    _pseudo_common_args(p)
+    _rw_args(p)
+    p.set_defaults(func=_run_refine_rw)
+
+
+def _run_refine_rw(args):
+    if args.irn is None and args.edges is None:
+        raise WsclipError("wsclip refine rw needs boundary maps: --irn CHECKPOINT or --edges FOLDER")
+    return _run_pseudo_masks(args, crf=args.crf)
+
+
+def _add_refine_caa(sub):
+    g = _group(sub, "refine", "one refinement alone (see `wsclip refine <what> --help`)")
+    p = g.add_parser("caa", help="CLIP-ES class-aware attention refinement of existing CAM files -> new CAM files")
+    p.add_argument("--cams", required=True, type=Path, help="folder of <id>.npz CAM files")
+    p.add_argument("--out", required=True, type=Path, help="output folder of refined <id>.npz files (resumes)")
+    p.add_argument("--data", required=True, help="dataset (path or voc:/coco:/folder: spec) with the images")
+    p.add_argument("--split", default="train")
+    p.add_argument("--clip", required=True, type=Path, help="CLIP ViT checkpoint whose attention refines the maps")
+    p.add_argument("--key", default="high_res", help="maps of the CAM files to refine (default high_res)")
+    p.add_argument("--box-threshold", type=float, help="box threshold (default 0.4; 0.7 for COCO)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_run_refine_caa)
+
+
+def _run_refine_caa(args):
+    from wsclip.label.clip_es import ClipEsConfig, caa_refine_cam_files
+
+    res = caa_refine_cam_files(args.clip, args.data, args.cams, args.out, split=args.split, key=args.key,
+                               cfg=ClipEsConfig(box_threshold=args.box_threshold), device=args.device,
+                               precision=args.precision)
+    print(f"wrote {res['written']} refined CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+
+
+def _add_prompts_select(sub):
+    g = _group(sub, "prompts", "prompt tools (see `wsclip prompts <what> --help`)")
+    p = g.add_parser("select", help="rank prompt templates by zero-shot sharpness (CLIP-ES prompt selection)")
+    p.add_argument("--templates", required=True, type=Path, help="text file, one template with {} per line")
+    p.add_argument("--images", required=True, nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--clip", required=True, type=Path, help="CLIP checkpoint")
+    p.add_argument("--dataset", default="voc",
+                   help="class names: voc or coco (CLIP-ES synonym-fused names) or a file with one name per line")
+    p.add_argument("--limit", type=int, help="use at most this many images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--top", type=int, help="print only the best N templates")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", type=Path, help="also write the ranking as JSON here")
+    p.set_defaults(func=_run_prompts_select)
+
+
+def _run_prompts_select(args):
+    from wsclip.label.prompts import collect_images, format_ranking, rank_templates, read_templates
+    from wsclip.models.clip import load_clip
+    from wsclip.train.loop import resolve_device
+    from wsclip.vocab import CLIP_ES_COCO_NAMES, CLIP_ES_VOC_NAMES
+
+    templates = read_templates(args.templates)
+    images = collect_images(args.images, args.limit)
+    if args.dataset in ("voc", "coco"):
+        names = list(CLIP_ES_VOC_NAMES if args.dataset == "voc" else CLIP_ES_COCO_NAMES)
+    else:
+        from wsclip.data.base import read_class_list
+
+        names = list(read_class_list(Path(args.dataset)))
+    clip = load_clip(args.clip, device=resolve_device(args.device))
+    ranking = rank_templates(clip, images, names, templates, batch_size=args.batch_size)
+    print(format_ranking(ranking, args.top))
+    print(f"images: {len(images)}, classes: {len(names)}, templates: {len(templates)}")
+    if args.json:
+        from wsclip.io import atomic_write_json
+
+        atomic_write_json(args.json, {"images": len(images), "classes": names,
+                                      "ranking": [{"template": t, "sharpness": s} for t, s in ranking]})
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -623,6 +817,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export_check,
         _add_export_trt,
         _add_label,
+        _add_serve,
+        _add_pseudo,
+        _add_refine_crf,
+        _add_refine_rw,
+        _add_refine_caa,
+        _add_prompts_select,
     ):
         add(sub)
     return parser

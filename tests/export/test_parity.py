@@ -63,8 +63,10 @@ def test_compare_outputs_counts_near_ties_apart():
     cams[0, 1] = [[0.1, 0.50001, 0.2], [0.7, 0.1, 0.0]]
     meta = {"model": "camnet", "config": {"bg_threshold": 0.15}}
     scores = decision_scores(meta, {"cams": cams})
-    assert scores.shape == (1, 3, 2, 3) and np.all(scores[:, 0] == np.float32(0.15))
-    ref_mask = scores.argmax(1)
+    stacked = np.concatenate([np.full_like(cams[:, :1], 0.15), cams], axis=1)
+    np.testing.assert_array_equal(scores((np.array([0, 0]), np.array([0, 1]), np.array([1, 0]))),
+                                  stacked[0, :, [0, 1], [1, 0]])
+    ref_mask = stacked.argmax(1)
     got_mask = ref_mask.copy()
     got_mask[0, 0, 1] = 1        # flips a near-tie (0.5 vs 0.50001): forgiven
     errs = compare_outputs({"cams": cams, "mask": ref_mask}, {"cams": cams + 1e-6, "mask": got_mask}, 1e-4, scores)
@@ -73,7 +75,7 @@ def test_compare_outputs_counts_near_ties_apart():
     assert errs["cams"]["max_abs"] == pytest.approx(1e-6, rel=5e-2)
     assert errs["cams"]["max_rel"] == pytest.approx(1e-6 / 0.9, rel=5e-2)
     got_mask[0, 1, 0] = 0        # flips a decisive pixel (0.7 vs 0.3): counted
-    errs = compare_outputs({"mask": ref_mask}, {"mask": got_mask}, 1e-4, scores)
-    assert errs["mask"]["decisive_mismatched"] == 1 and errs["mask"]["decisive_agreement"] < 1.0
+    errs = compare_outputs({"mask": ref_mask}, {"mask": got_mask}, 1e-4, stacked)  # arrays work too
+    assert errs["mask"]["decisive_mismatched"] == 1 and errs["mask"]["decisive_agreement"] == pytest.approx(5 / 6)
     with pytest.raises(WsclipError, match="shape"):
         compare_outputs({"cams": cams}, {"cams": cams[:, :1]})

@@ -68,15 +68,19 @@ def test_propagate_fp16_and_empty_mask():
     torch.testing.assert_close(out, ref, atol=5e-3, rtol=5e-3)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_refine_equals_propagate_of_transition(backend):
-    B, C, h, w = 2, 2, 3, 4
-    attn = _attn(B, h * w)
+@pytest.mark.parametrize("backend, shape, dtype", [
+    ("torch", (2, 2, 3, 4), torch.float32),
+    ("triton", (2, 2, 3, 4), torch.float32),
+    ("triton", (1, 3, 5, 6), torch.float16),
+])
+def test_refine_equals_propagate_of_transition(backend, shape, dtype):
+    B, C, h, w = shape
+    attn = _attn(B, h * w, dtype)
     cams = torch.rand(B, C, h, w)
     masks = torch.rand(B, C, h, w) > 0.3
     ref = caa_propagate_reference(caa_transition_reference(attn.double()), cams.double(), masks)
     out = caa_refine(attn, cams, masks, backend=backend)
-    assert out.shape == (B, C, h, w)
+    assert out.shape == (B, C, h, w) and out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, atol=2e-4, rtol=1e-4)
 
 

@@ -133,9 +133,11 @@ def trace_to_onnx(module: torch.nn.Module, example_inputs: tuple, path, *, input
 
 
 def _dynamo_export(module, example_inputs, tmp, input_names, output_names, dynamic_axes, opset) -> None:
-    from wsclip.errors import require
+    import importlib.util
 
-    require("onnxscript", "onnx", "the dynamo ONNX exporter")
+    if importlib.util.find_spec("onnxscript") is None:
+        raise WsclipError("the dynamo exporter needs the 'onnxscript' package (`pip install onnxscript`); "
+                          "or use the default exporter (--exporter legacy)")
     dims: dict[str, torch.export.Dim] = {}
     shapes = []
     for name in input_names:

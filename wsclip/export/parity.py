@@ -49,12 +49,12 @@ class ParityReport:
             for name, e in case.errors.items():
                 w = out.setdefault(name, {})
                 if "agreement" in e:
-                    for key in ("mismatched", "total", "ties", "decisive_mismatched"):
+                    for key in ("mismatched", "total", "decisive_mismatched"):
                         if key in e:
                             w[key] = w.get(key, 0) + e[key]
                     w["agreement"] = 1.0 - w["mismatched"] / max(w["total"], 1)
                     if "decisive_mismatched" in w:
-                        w["decisive_agreement"] = 1.0 - w["decisive_mismatched"] / max(w["total"] - w["ties"], 1)
+                        w["decisive_agreement"] = 1.0 - w["decisive_mismatched"] / max(w["total"], 1)
                 else:
                     w["max_abs"] = max(w.get("max_abs", 0.0), e["max_abs"])
                     w["max_rel"] = max(w.get("max_rel", 0.0), e["max_rel"])
@@ -95,10 +95,10 @@ class ParityReport:
 
 
 def _agreement(e: dict) -> str:
-    """'100.0000% of decisive pixels (99.99997% of all 3731001; 1 differs, a near-tie)' or a plain percentage."""
+    """'100.0000% apart from near-ties (99.99997% of all 3731001; 1 differs, a near-tie)' or a plain percentage."""
     if "decisive_agreement" not in e:
         return f"{100 * e['agreement']:.4f}%"
-    text = f"{100 * e['decisive_agreement']:.4f}% of decisive pixels"
+    text = f"{100 * e['decisive_agreement']:.4f}% apart from near-ties"
     if e["mismatched"]:
         near = e["mismatched"] - e["decisive_mismatched"]
         text += (f" ({100 * e['agreement']:.5f}% of all {e['total']}; {e['mismatched']} differ, "
@@ -107,12 +107,14 @@ def _agreement(e: dict) -> str:
 
 
 def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tolerance: float = 0.0,
-                    scores: np.ndarray | None = None) -> dict[str, dict]:
+                    scores=None) -> dict[str, dict]:
     """Errors of `got` against `ref`, output by output (see the module docstring).
 
-    For integer outputs (argmax masks) `scores` are the reference values the argmax was taken
-    over, (B, C, ...): pixels whose top two scores are closer than 2 * tolerance * max|scores|
-    are near-ties that any rounding can flip; "decisive_agreement" leaves them out.
+    For integer outputs (argmax masks) `scores` gives the reference values the argmax was
+    taken over: an array (B, C, ...) or a function of the mismatched pixels' indices
+    returning (M, C). A mismatched pixel whose top two scores are closer than
+    2 * tolerance * max|scores| is a near-tie that any rounding can flip: "decisive_agreement"
+    counts only the other mismatches (over all pixels).
     """
     out = {}
     for name, r in ref.items():
@@ -120,15 +122,15 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tole
         if g.shape != r.shape:
             raise WsclipError(f"output '{name}' has shape {g.shape} from the artefact and {r.shape} from PyTorch")
         if np.issubdtype(r.dtype, np.integer):
-            diff = g != r
-            e = {"agreement": 1.0 - np.count_nonzero(diff) / max(r.size, 1), "mismatched": int(np.count_nonzero(diff)),
-                 "total": int(r.size)}
-            if scores is not None and scores.shape[0] == r.shape[0] and scores.shape[2:] == r.shape[1:]:
-                top2 = -np.partition(-scores, 1, axis=1)[:, :2]
-                ties = (top2[:, 0] - top2[:, 1]) <= 2 * tolerance * float(np.max(np.abs(scores)))
-                e["ties"] = int(np.count_nonzero(ties))
-                e["decisive_mismatched"] = int(np.count_nonzero(diff & ~ties))
-                e["decisive_agreement"] = 1.0 - e["decisive_mismatched"] / max(r.size - e["ties"], 1)
+            where = np.nonzero(g != r)
+            mism = int(where[0].size)
+            e = {"agreement": 1.0 - mism / max(r.size, 1), "mismatched": mism, "total": int(r.size)}
+            if scores is not None:
+                at = _scores_at(scores, where)
+                top2 = -np.partition(-at, 1, axis=1)[:, :2] if mism else np.zeros((0, 2), np.float32)
+                scale = _score_scale(scores)
+                e["decisive_mismatched"] = int(np.count_nonzero(top2[:, 0] - top2[:, 1] > 2 * tolerance * scale))
+                e["decisive_agreement"] = 1.0 - e["decisive_mismatched"] / max(r.size, 1)
             out[name] = e
         else:
             r32, g32 = r.astype(np.float32, copy=False), g.astype(np.float32, copy=False)
@@ -138,12 +140,33 @@ def compare_outputs(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], tole
     return out
 
 
-def decision_scores(meta: dict, ref: dict[str, np.ndarray]) -> np.ndarray | None:
-    """The values a labeler's mask is the argmax of: [bg threshold, cams] (camnet) or probs (seg)."""
+def _scores_at(scores, where) -> np.ndarray:
+    """(M, C) decision scores at the pixels `where` = (batch, *spatial) index arrays."""
+    if callable(scores):
+        return np.asarray(scores(where))
+    return np.moveaxis(scores, 1, -1)[where]
+
+
+def _score_scale(scores) -> float:
+    return float(getattr(scores, "scale", None) or np.max(np.abs(scores)))
+
+
+class _CamScores:
+    """[bg threshold, cams] at given pixels, without materialising the (B, K+1, H, W) stack."""
+
+    def __init__(self, cams: np.ndarray, bg: float):
+        self.cams, self.bg = cams, float(bg)
+        self.scale = max(float(cams.max()) if cams.size else 0.0, self.bg)
+
+    def __call__(self, where) -> np.ndarray:
+        at = np.moveaxis(self.cams, 1, -1)[where]
+        return np.concatenate([np.full((at.shape[0], 1), self.bg, at.dtype), at], axis=1)
+
+
+def decision_scores(meta: dict, ref: dict[str, np.ndarray]):
+    """What a labeler's mask is the argmax of: [bg threshold, cams] (camnet) or probs (seg); None otherwise."""
     if meta["model"] == "camnet" and "cams" in ref:
-        cams = ref["cams"]
-        bg = np.full_like(cams[:, :1], float((meta.get("config") or {}).get("bg_threshold", 0.15)))
-        return np.concatenate([bg, cams], axis=1)
+        return _CamScores(ref["cams"], (meta.get("config") or {}).get("bg_threshold", 0.15))
     if meta["model"] == "seg" and "probs" in ref:
         return ref["probs"]
     return None
@@ -282,7 +305,9 @@ def check_parity(artefact, checkpoint=None, *, images=None, n_random: int = 2, b
     if images is not None:
         cases += list(_real_cases(meta, images, batch, limit))
     merged: dict[str, list] = {}
-    for name, x, labels, size in cases:
+    from wsclip.progress import progress
+
+    for name, x, labels, size in progress(cases, desc="parity", unit="batch"):
         ref = module.run(x, labels)
         got = runner.run(x, labels)
         errors = compare_outputs(ref, got, tolerance, decision_scores(meta, ref))

@@ -10,7 +10,8 @@ scale vectors with 2 * iters matrix-vector products (c = 1 / (W^T r), r = 1 / (W
 of rewriting D 2 * iters times. The Triton transition forms S on the fly from W, r and c
 inside a `tl.dot` tiled product and computes only the tiles on and above the diagonal
 (A is symmetric), writing each off-diagonal tile twice. `caa_refine` goes further: with S
-symmetric, F = V A^T = (V S) S, two skinny products instead of the N^3 square.
+symmetric, F = V A^T = (V S) S, and V S needs only W, r and c: skinny products with W and
+W^T instead of the N^3 square, and no N x N temporary at all.
 """
 
 from __future__ import annotations
@@ -151,8 +152,11 @@ def _triton_kernels(interpret: bool):
                 tl.store(ob + jn[None, :] * N + im[:, None], acc, mask=omask)
 
     @triton.jit
-    def propagate(a, v, out, N, C, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
-        # out[b, c, i] = sum_j a[b, i, j] * v[b, c, j]
+    def propagate(a, v, r, c, out, N, C, SYM: tl.constexpr,
+                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+        # SYM=False: out[b, c, i] = sum_j a[b, i, j] v[b, c, j]   (out = v a^T)
+        # SYM=True:  out = v S with S = (diag(r) a diag(c) + diag(c) a^T diag(r)) / 2, S never formed:
+        #   out[c, i] = (r_i sum_j a_ij c_j v_cj + c_i sum_j a_ji r_j v_cj) / 2
         b = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
         cc = tl.arange(0, BLOCK_C)
@@ -161,12 +165,26 @@ def _triton_kernels(interpret: bool):
         ab = a + b.to(tl.int64) * N * N
         vb = v + b.to(tl.int64) * C * N
         acc = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
+        acc_t = tl.zeros([BLOCK_I, BLOCK_C], dtype=tl.float32)
         for j0 in range(0, N, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
             jmask = j < N
-            at = tl.load(ab + i[:, None] * N + j[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
+            m_ij = imask[:, None] & jmask[None, :]
             vt = tl.load(vb + cc[None, :] * N + j[:, None], mask=jmask[:, None] & cmask[None, :], other=0.0)
-            acc += tl.dot(at.to(tl.float32), vt.to(tl.float32))
+            vt = vt.to(tl.float32)
+            at = tl.load(ab + i[:, None] * N + j[None, :], mask=m_ij, other=0.0).to(tl.float32)
+            if SYM:
+                cj = tl.load(c + b * N + j, mask=jmask, other=0.0)
+                rj = tl.load(r + b * N + j, mask=jmask, other=0.0)
+                acc += tl.dot(at, vt * cj[:, None])
+                a_ji = tl.load(ab + j[None, :] * N + i[:, None], mask=m_ij, other=0.0).to(tl.float32)
+                acc_t += tl.dot(a_ji, vt * rj[:, None])
+            else:
+                acc += tl.dot(at, vt)
+        if SYM:
+            ri = tl.load(r + b * N + i, mask=imask, other=0.0)
+            ci = tl.load(c + b * N + i, mask=imask, other=0.0)
+            acc = (acc * ri[:, None] + acc_t * ci[:, None]) * 0.5
         tl.store(out + b.to(tl.int64) * C * N + cc[None, :] * N + i[:, None], acc,
                  mask=imask[:, None] & cmask[None, :])
 
@@ -206,15 +224,27 @@ def _square_triton(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.T
     return out
 
 
-def _propagate_triton(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B, C, N) = v @ a^T with a (B, N, N), fp32 accumulation."""
+def _propagate_triton(a: torch.Tensor, v: torch.Tensor, scales=None) -> torch.Tensor:
+    """(B, C, N) = v @ a^T with a (B, N, N); with scales = (r, c): v @ S, S as in `apply_symmetric`."""
     triton, _, prop = _triton_kernels(interpreting())
     B, C, N = v.shape
     out = _dispatch.empty((B, C, N), torch.float32, a.device)
     if B and C and N:
+        r, c = (t.float().contiguous() for t in scales) if scales is not None else (v, v)  # unused when not SYM
         grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK_I"]))  # noqa: E731
-        prop[grid](a.contiguous(), v.contiguous(), out, N, C, BLOCK_C=max(16, next_pow2(C)))
+        prop[grid](a.contiguous(), v.contiguous(), r, c, out, N, C, SYM=scales is not None,
+                   BLOCK_C=max(16, next_pow2(C)))
     return out
+
+
+def apply_symmetric(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """v @ S for v (B, C, N), S = (diag(r) W diag(c) + diag(c) W^T diag(r)) / 2, without forming S.
+
+    Two skinny products with W and W^T (BLAS reads the transpose in place).
+    """
+    a = torch.matmul(v * r.unsqueeze(1), w) * c.unsqueeze(1)
+    b = torch.matmul(v * c.unsqueeze(1), w.transpose(1, 2)) * r.unsqueeze(1)
+    return (a + b) * 0.5
 
 
 # ----------------------------------------------------------------------------- public
@@ -247,16 +277,20 @@ def caa_propagate(transition: torch.Tensor, cams: torch.Tensor, masks: torch.Ten
 
 def caa_refine(attn: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor, iters: int = 3,
                backend: str = "auto") -> torch.Tensor:
-    """caa_propagate(caa_transition(attn, iters), cams, masks) without forming S @ S.
+    """caa_propagate(caa_transition(attn, iters), cams, masks) without forming S or S @ S.
 
-    Uses F = (V S) S (S symmetric): 4 C N^2 FLOP instead of 2 N^3; same result up to rounding.
+    With D = diag(r) W diag(c) and S = (D + D^T) / 2 symmetric, F = V (S S)^T = (V S) S:
+    four skinny products with W (8 C N^2 FLOP) instead of 2 N^3, and no N x N temporaries.
+    Same result as the two-step path up to rounding.
     """
     _check_attn(attn)
     _check_prop(attn, cams, masks)
-    s = symmetric_transition(attn, iters)
-    v = _sources(cams, masks, s.dtype)
-    if resolve_backend(backend, attn, cams) == "torch" or s.dtype == torch.float64:
-        f = torch.matmul(torch.matmul(v, s), s)
+    dt = _calc_dtype(attn)
+    w = attn.to(dt)
+    r, c = sinkhorn_scales(w, iters)
+    v = _sources(cams, masks, dt)
+    if resolve_backend(backend, attn, cams) == "torch" or dt == torch.float64:
+        f = apply_symmetric(w, r, c, apply_symmetric(w, r, c, v))
     else:
-        f = _propagate_triton(s, _propagate_triton(s, v))
+        f = _propagate_triton(attn, _propagate_triton(attn, v, (r, c)), (r, c))
     return minmax(f).reshape(cams.shape)

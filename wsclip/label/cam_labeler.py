@@ -143,8 +143,9 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
         if labels is not None:
             cams = cams * labels.to(cams.dtype)[:, :, None, None]
         cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + self.eps)
-        bg = torch.full_like(cams[:, :1], self.bg_threshold)
-        mask = torch.cat([bg, cams], dim=1).argmax(dim=1)
+        # argmax over [bg_threshold, cams] without stacking them: ties go to the background
+        top, idx = cams.max(dim=1)
+        mask = torch.where(top > self.bg_threshold, idx + 1, torch.zeros_like(idx))
         return cams, mask
 
     def config(self) -> dict:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from wsclip.errors import ShapeError, WsclipError
 
 __all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
-           "make_clip_es_cams"]
+           "make_clip_es_cams", "caa_refine_cam_files"]
 
 POOLINGS = ("tokens", "mean")
 
@@ -243,7 +243,9 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, n):
         item = self.dataset[self.indices[n]]
         keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten().tolist()
-        return {"id": item["id"], "image": torch.from_numpy(np.ascontiguousarray(item["image"])), "keys": keys}
+        image = np.asarray(item["image"])
+        image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+        return {"id": item["id"], "image": torch.from_numpy(image), "keys": keys}
 
 
 def _identity(x):
@@ -346,3 +348,71 @@ def make_clip_es_cams(
     bar.close()
     return {"written": written, "skipped": skipped, "total": len(ds)}
 
+
+
+def caa_refine_cam_files(
+    clip,
+    data,
+    cam_dir,
+    out_dir,
+    split: str = "train",
+    key: str = "high_res",
+    cfg: ClipEsConfig | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    on_image: Callable[[str], None] | None = None,
+) -> dict:
+    """CAA alone (`wsclip refine caa`): refine the `key` maps of existing CAM files with CLIP's attention.
+
+    Each image's maps are area-resized to the CLIP patch grid and min-max normalised, box-masked and
+    propagated with the image's CAA transition, then upsampled; the output file holds "keys", "cam"
+    (refined, patch grid), "high_res" (refined, image size) and "high_res_raw" (the input maps).
+    Existing outputs are skipped. Returns {"written", "skipped", "total"}.
+    """
+    from wsclip.label.clims_cam import read_cam_file
+    from wsclip.progress import progress
+    from wsclip.refine.caa import box_mask, refine, refine_from_attention, transition
+    from wsclip.train.loop import resolve_device
+
+    cfg = cfg or ClipEsConfig()
+    if not cfg.caa:
+        raise WsclipError("CAA refinement with caa=False does nothing")
+    dev = resolve_device(device)
+    if isinstance(clip, (str, Path)):
+        from wsclip.models.clip import load_clip
+
+        clip = load_clip(clip, device=dev, precision=precision)
+    ds = data
+    if isinstance(data, (str, Path)):
+        from wsclip.data import open_dataset
+
+        kw = {} if str(data).startswith("synth:") else {"masks": False}
+        ds = open_dataset(str(data), split=split, **kw)
+    labeler = ClipEs(clip, ds.classes, cfg)
+    cam_dir, out = Path(cam_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ds.ids if not (out / f"{i}.npz").is_file()]
+    written = 0
+    for image_id in progress(todo, desc="refine caa", unit="img"):
+        z = read_cam_file(cam_dir / f"{image_id}.npz")
+        maps = torch.as_tensor(np.asarray(z[key], dtype=np.float32), device=labeler.device)
+        image = ds.load_image(ds.index(image_id))
+        if tuple(maps.shape[1:]) != tuple(image.shape[:2]):
+            raise ShapeError(f"{cam_dir / (image_id + '.npz')}: '{key}' maps are {tuple(maps.shape[1:])}, "
+                             f"the image {tuple(image.shape[:2])}")
+        with torch.no_grad():
+            trace = clip.vit_forward(labeler.preprocess(image)[None], attn_layers=labeler.attn_layers)
+        h, w = trace.grid
+        attn = torch.stack(trace.attn).mean(0)[:, 1:, 1:].float()
+        low = gradcam_minmax(F.interpolate(maps[None], size=(h, w), mode="area")) if len(maps) else maps.new_zeros(1, 0, h, w)
+        if cfg.box_compat:
+            masks = torch.stack([box_mask(m, labeler.box_threshold, compat=True) for m in low[0]])[None]
+            refined = refine(low, transition(attn, backend=cfg.backend), masks, backend=cfg.backend)[0]
+        else:
+            refined = refine_from_attention(attn, low, labeler.box_threshold, backend=cfg.backend)[0]
+        write_cam_npz(out / f"{image_id}.npz", {"keys": z["keys"], "cam": refined,
+                                                 "high_res": _upsample(refined, image.shape[:2]), "high_res_raw": maps})
+        written += 1
+        if on_image is not None:
+            on_image(image_id)
+    return {"written": written, "skipped": len(ds.ids) - len(todo), "total": len(ds.ids)}

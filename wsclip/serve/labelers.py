@@ -61,7 +61,8 @@ class LabelerConfig:
     flip: bool = False
     amp: bool = False
     threads: int | None = None        # ONNX Runtime intra-op threads
-    options: dict = field(default_factory=dict)  # method-specific extras (clip-es)
+    classes: str | None = None        # clip-es: voc, coco or a class-list file (networks carry their own)
+    options: dict = field(default_factory=dict)  # clip-es: ClipEsConfig fields, and alpha
 
     def replace(self, **kw) -> "LabelerConfig":
         return replace(self, **kw)
@@ -137,11 +138,11 @@ def host_image(im) -> np.ndarray:
 class ClipZeroShot:
     """CLIP zero-shot multi-label prediction: softmax over class prompts, every class >= threshold (at least one)."""
 
-    def __init__(self, clip_path, classes: Sequence[str], device="cpu", threshold: float = 0.25,
+    def __init__(self, clip, classes: Sequence[str], device="cpu", threshold: float = 0.25,
                  template: str = ZERO_SHOT_TEMPLATE):
-        from wsclip.models.clip import load_clip
+        from wsclip.models.clip import ClipModel, load_clip
 
-        self.clip = load_clip(clip_path, device=device)
+        self.clip = clip if isinstance(clip, ClipModel) else load_clip(clip, device=device)
         self.classes = tuple(classes)
         self.threshold = float(threshold)
         names = [_READABLE.get(c, c) for c in self.classes]
@@ -193,7 +194,7 @@ class Labeler:
         """Short description for logs, /health and summaries."""
         return {"method": self.method, "backend": self.backend, "device": str(self.device),
                 "classes": len(self.classes), "refine": self.refine, "batch_size": self.batch_size,
-                "predict": type(self.predictor).__name__ if self.predictor is not None else self.cfg.predict}
+                "predict": {_OwnScores: "cam-scores", ClipZeroShot: "clip-zero-shot"}.get(type(self.predictor), "none")}
 
     def label_batch(self, images: Sequence[np.ndarray], labels: Sequence | None = None,
                     want_cams: bool = False) -> list[LabelResult]:
@@ -434,47 +435,59 @@ class SegNetLabeler(Labeler):
 
 # ============================================================================ CLIP-ES
 class ClipEsLabeler(Labeler):
-    """Training-free CLIP-ES (GradCAM on CLIP + CAA); needs `wsclip.label.clip_es` and a ViT CLIP file."""
+    """Training-free CLIP-ES (`wsclip.label.clip_es.ClipEs`: GradCAM on a CLIP ViT + CAA).
+
+    Pseudo mask (METHODS.md section 5): background score (1 - max_c F_c)^alpha (alpha =
+    options["alpha"], default 1) stacked before the class maps, argmax. Images run one same-size
+    group at a time (GradCAM needs gradients, so no inference mode).
+    """
 
     method = "clip-es"
 
     def __init__(self, cfg: LabelerConfig):
-        try:
-            from wsclip.label import clip_es
-        except ImportError as exc:
-            raise WsclipError(f"the clip-es method is not available in this build ({exc})") from None
+        from wsclip.data.base import resolve_classes
+        from wsclip.label.clip_es import ClipEs, ClipEsConfig
+        from wsclip.models.clip import load_clip
+
         if not cfg.clip:
             raise WsclipError("--method clip-es needs --clip CLIP_FILE (a ViT CLIP, e.g. ViT-B-16)")
-        device = _resolve_device(cfg.device)
-        self.impl = clip_es.load_labeler(cfg.clip, device=device, **cfg.options) if hasattr(clip_es, "load_labeler") \
-            else None
-        if self.impl is None:
-            raise WsclipError("this build's wsclip.label.clip_es has no load_labeler(); the clip-es method is unavailable")
         if cfg.refine == "irn":
             raise WsclipError("--refine irn applies to CAM networks; CLIP-ES refines with CAA (built in) and --refine crf")
-        super().__init__(cfg, self.impl.classes, device, "pytorch")
-        self.bg = None
-        self.predictor = _make_predictor(cfg, self, own_scores=False)
+        device = _resolve_device(cfg.device)
+        opts = dict(cfg.options)
+        self.alpha = float(opts.pop("alpha", 1.0))
+        classes = resolve_classes(cfg.classes or "voc")
+        clip = load_clip(cfg.clip, device=device)
+        try:
+            self.impl = ClipEs(clip, classes, ClipEsConfig(**opts))
+        except TypeError as exc:
+            raise WsclipError(f"unknown CLIP-ES option: {exc}") from None
+        super().__init__(cfg, classes, device, "pytorch")
+        self.predictor = _make_predictor(cfg, self, own_scores=False, clip=clip)
 
     def _run_group(self, images, labels, want_cams):
         y, scores = self._fill_labels(images, labels)
+        keys = [np.nonzero(y[i] > 0.5)[0].astype(np.int64) for i in range(len(images))]
+        items = self.impl.label([host_image(im) for im in images], [k.tolist() for k in keys])
         out = []
-        for i, im in enumerate(images):  # CLIP-ES runs per image (its CAA affinity is per image)
-            keys = np.nonzero(y[i] > 0.5)[0].astype(np.int64)
-            res = self.impl.label(host_image(im), keys)  # {"mask": (H, W), "cams": (K', H, W), "scores": (1+K', H, W)}
-            r = LabelResult(mask=np.asarray(res["mask"], np.uint8), keys=keys, scores=scores[i],
-                            predicted=scores[i] is not None)
+        for i, item in enumerate(items):
+            high = item["high_res"].float()  # (K', H, W)
+            hw = image_hw(images[i])
+            fg_max = high.amax(0) if len(high) else torch.zeros(hw, device=high.device)
+            stacked = torch.cat([((1.0 - fg_max).clamp_min(0) ** self.alpha)[None], high])
+            values = np.concatenate([[0], keys[i] + 1]).astype(np.uint8)
+            mask = values[stacked.argmax(0).cpu().numpy()]
+            r = LabelResult(mask=mask, keys=keys[i], scores=scores[i], predicted=scores[i] is not None)
             if want_cams:
-                r.cams = np.asarray(res["cams"], np.float32)
+                r.cams = high.cpu().numpy()
             if self.refine == "crf":
-                r.crf_scores = np.asarray(res["scores"], np.float32)
-                r.crf_values = np.concatenate([[0], keys + 1]).astype(np.uint8)
+                r.crf_scores, r.crf_values = stacked.cpu().numpy(), values
             out.append(r)
         return out
 
 
 # ============================================================================ factory
-def _make_predictor(cfg: LabelerConfig, lab: Labeler, own_scores: bool):
+def _make_predictor(cfg: LabelerConfig, lab: Labeler, own_scores: bool, clip=None):
     mode = cfg.predict
     if mode not in PREDICTORS:
         raise WsclipError(f"unknown label predictor '{mode}': use one of {', '.join(PREDICTORS)}")
@@ -490,7 +503,7 @@ def _make_predictor(cfg: LabelerConfig, lab: Labeler, own_scores: bool):
     if not cfg.clip:
         raise WsclipError("--predict clip needs --clip CLIP_FILE (an open_clip or OpenAI CLIP checkpoint)")
     thr = 0.25 if cfg.label_threshold is None else float(cfg.label_threshold)
-    return ClipZeroShot(cfg.clip, lab.classes, device=lab.device, threshold=thr)
+    return ClipZeroShot(clip if clip is not None else cfg.clip, lab.classes, device=lab.device, threshold=thr)
 
 
 def detect_method(model) -> str:

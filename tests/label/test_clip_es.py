@@ -1,0 +1,192 @@
+"""CLIP-ES: the batched GradCAM equals the one-class-at-a-time reference; CAA, sizes, bucketing, CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from PIL import Image
+
+from wsclip.cli import main
+from wsclip.label.clip_es import (
+    ClipEs, ClipEsConfig, bucket_by_shape, caa_layer_indices, gradcam_minmax, make_clip_es_cams, rounded_size,
+)
+from wsclip.models.clip import ClipModel, load_clip, save_clip
+from wsclip.refine.caa import box_mask
+from wsclip.vocab import VOC_CLASSES
+
+TEXT = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+
+
+def tiny_cfg(patch=8, layers=3):
+    vision = {"image_size": 32, "layers": layers, "width": 48, "patch_size": patch, "head_width": 16}
+    return {"embed_dim": 16, "quick_gelu": True, "vision_cfg": vision, "text_cfg": TEXT}
+
+
+def tiny_clip(patch=8, layers=3, seed=0) -> ClipModel:
+    torch.manual_seed(seed)
+    cfg = tiny_cfg(patch, layers)
+    model = CLIP(**cfg)
+    with torch.no_grad():  # livelier layer norms than the default init
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    return ClipModel(model, "tiny-vit", cfg)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return tiny_clip()
+
+
+def reference_cams(es: ClipEs, image: np.ndarray, keys):
+    """Public-code structure: batch 1, one forward + one backward per class, then CAA per class."""
+    clip = es.clip
+    pixels = es.preprocess(image)[None]
+    fg = es.fg_text[list(keys)]
+    text = torch.cat([fg, es.bg_text])
+    raws, refs = [], []
+    for n, _ in enumerate(keys):
+        trace = clip.vit_forward(pixels, attn_layers=es.attn_layers)
+        visual = clip.model.visual
+        feat = visual.ln_post(trace.tokens[:, 1:]).mean(1) @ visual.proj
+        probs = (es.cfg.logit_scale * F.normalize(feat, dim=-1) @ text.T).softmax(-1)
+        (grad,) = torch.autograd.grad(probs[0, n], trace.ln1)
+        h, w = trace.grid
+        acts = trace.ln1[0, 1:].detach().double()  # (N, C)
+        weights = grad[0, 1:].double().mean(0)  # (C,)
+        cam = torch.relu(acts @ weights).reshape(h, w)
+        cam = cam - cam.min()
+        cam = cam / (cam.max() + 1e-7)
+        raws.append(cam)
+        # CAA, literal: average the attention of the chosen layers, drop CLS, 3 x (cols, rows), sym, square
+        attn = torch.stack(trace.attn).mean(0)[0, 1:, 1:].double()
+        d = attn.clone()
+        for _ in range(3):
+            d = d / d.sum(0, keepdim=True)
+            d = d / d.sum(1, keepdim=True)
+        s = (d + d.T) / 2
+        a = s @ s
+        b = torch.from_numpy(box_mask(cam.numpy(), es.box_threshold)).double()
+        f = a @ (b * cam).reshape(-1)
+        refs.append(((f - f.min()) / (f.max() - f.min() + 1e-7)).reshape(h, w))
+    return torch.stack(raws), torch.stack(refs)
+
+
+def max_rel(got, ref):
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def test_batched_gradcam_and_caa_equal_per_class_reference(clip):
+    es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0))
+    rng = np.random.default_rng(0)
+    # both round up to 40x56 with patch 8 -> one batch; different class counts (3 and 1 slots)
+    images = [rng.integers(0, 256, (37, 50, 3), dtype=np.uint8), rng.integers(0, 256, (33, 49, 3), dtype=np.uint8)]
+    keys = [[0, 4, 14], [7]]
+    res = es.label(images, keys)  # one batched forward + one batched backward for all 4 maps
+    batched = es.forward(torch.stack([es.preprocess(x) for x in images]), torch.tensor([[0, 4, 14], [7, -1, -1]]))
+    for i, (im, k, r) in enumerate(zip(images, keys, res)):
+        raw_ref, caa_ref = reference_cams(es, im, k)
+        assert raw_ref.amax((1, 2)).min() > 0.99  # non-trivial maps
+        assert r["high_res_raw"].shape == (len(k), *im.shape[:2])
+        assert r["cam"].shape == (len(k), 5, 7)
+        assert max_rel(batched["raw"][i, : len(k)], raw_ref) < 1e-4
+        assert max_rel(r["cam"], caa_ref) < 1e-4
+        torch.testing.assert_close(r["high_res_raw"], F.interpolate(raw_ref[None].float(), size=im.shape[:2],
+                                                                   mode="bilinear", align_corners=False)[0],
+                                   rtol=0, atol=1e-4)
+    assert batched["raw"][1, 1:].abs().max() == 0  # empty slots are zero
+
+
+def test_sizes_empty_labels_and_no_caa(clip):
+    es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, caa=False))
+    rng = np.random.default_rng(1)
+    im = rng.integers(0, 256, (17, 30, 3), dtype=np.uint8)
+    (r,) = es.label([im], [[3, 11]])
+    assert r["cam"].shape == (2, 3, 4)  # ceil(17/8) x ceil(30/8)
+    assert r["high_res"].shape == (2, 17, 30) and "high_res_raw" not in r
+    assert 0.99 < float(r["high_res"].max()) <= 1.0 + 1e-6 and float(r["high_res"].min()) >= 0
+    (e,) = ClipEs(clip, VOC_CLASSES).label([im], [[]])
+    assert e["keys"].numel() == 0 and e["high_res"].shape == (0, 17, 30)
+    assert rounded_size((17, 30), 8) == (24, 32) and rounded_size((16, 16), 16) == (16, 16)
+    assert caa_layer_indices(12) == list(range(4, 12)) and caa_layer_indices(3) == [1, 2]
+    x = torch.rand(2, 3, 4, 5) * 3 + 1
+    y = gradcam_minmax(x)
+    assert torch.allclose(y.amin((2, 3)), torch.zeros(2, 3)) and (y.amax((2, 3)) > 0.999).all()
+
+
+def test_bucket_by_shape():
+    items = [{"i": n, "s": s} for n, s in enumerate("abacbbcaabcc")]
+    batches = list(bucket_by_shape(items, lambda it: it["s"], batch_size=2, max_pending=3))
+    assert sorted(it["i"] for b in batches for it in b) == list(range(12))
+    assert all(len({it["s"] for it in b}) == 1 and len(b) <= 2 for b in batches)
+    produced = [0]
+
+    def stream():
+        for it in items:
+            produced[0] += 1
+            yield it
+
+    released = 0
+    for b in bucket_by_shape(stream(), lambda it: it["s"], batch_size=2, max_pending=3):
+        released += len(b)
+        assert produced[0] - released <= 3  # never more than max_pending items held back
+    assert released == 12
+
+
+def _tiny_voc(root: Path, voc14: Path, ids, size=(48, 64)) -> Path:
+    """A small VOC-layout copy of some voc14 images, resized (so the test stays fast)."""
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    labels = json.loads((voc14 / "labels.json").read_text())
+    for i in ids:
+        Image.open(voc14 / "JPEGImages" / f"{i}.jpg").resize(size[::-1], Image.BICUBIC).save(root / "JPEGImages" / f"{i}.jpg")
+        m = Image.open(voc14 / "SegmentationClass" / f"{i}.png")
+        m.resize(size[::-1], Image.NEAREST).save(root / "SegmentationClass" / f"{i}.png")
+    (root / "labels.json").write_text(json.dumps({i: labels[i] for i in ids}))
+    (root / "val.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def test_cli_cam_clip_es_writes_cams_and_resumes(tmp_path, voc14):
+    ids = ["2009_000573", "2007_000033", "2008_006874"]
+    data = _tiny_voc(tmp_path / "voc", voc14, ids, size=(45, 61))
+    ckpt = tmp_path / "tiny.safetensors"
+    c = tiny_clip(patch=16)
+    save_clip(ckpt, c, c.model_cfg, "tiny-vit")
+    assert load_clip(ckpt).patch_size == 16
+    out = tmp_path / "cams"
+    argv = ["cam", "--method", "clip-es", "--clip", str(ckpt), "--data", str(data), "--split", "val",
+            "--out", str(out), "--device", "cpu", "--workers", "0", "--batch-size", "2"]
+    assert main(argv) == 0
+    files = sorted(p.stem for p in out.glob("*.npz"))
+    assert files == sorted(ids)
+    with np.load(out / "2009_000573.npz") as z:
+        assert z["keys"].tolist() == [1, 4]  # bicycle, bottle (labels.json holds 2, 5)
+        assert z["cam"].shape == (2, 3, 4) and z["cam"].dtype == np.float16
+        assert z["high_res"].shape == (2, 45, 61) and z["high_res_raw"].shape == (2, 45, 61)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.npz")}
+    assert main(argv) == 0  # resume: nothing redone
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.npz")} == mtimes
+    assert main(["cam", "--method", "clip-es", "--data", str(data), "--out", str(out)]) == 2  # --clip missing
+
+
+def test_make_cams_resume_after_interrupt(tmp_path, voc14, clip):
+    ids = ["2007_000332", "2010_000530"]
+    data = _tiny_voc(tmp_path / "voc", voc14, ids, size=(30, 40))
+    out = tmp_path / "cams"
+
+    def stop(_):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        make_clip_es_cams(clip, str(data), out, split="val", cfg=ClipEsConfig(batch_size=1), device="cpu",
+                          num_workers=0, on_image=stop)
+    first = sorted(out.glob("*.npz"))
+    assert len(first) >= 1 and not list(out.glob(".*tmp*"))
+    res = make_clip_es_cams(clip, str(data), out, split="val", cfg=ClipEsConfig(batch_size=1), device="cpu",
+                            num_workers=0)
+    assert res["skipped"] == len(first) and res["written"] == 2 - len(first)
