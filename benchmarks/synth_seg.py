@@ -5,16 +5,18 @@ Stages (each resumable: re-running skips finished work under --work):
 2. pseudo masks for the train split, from one of
    - "cam" (default, the real pipeline): baseline CAM network (`wsclip train cam --preset synth`),
      multi-scale CAMs (`wsclip cam`), background threshold chosen by the CAM sweep on train
-     (as the papers do), dense CRF, CGL confidence filter (posterior < 0.95 -> 255).
-     `wsclip pseudo` (label/pseudo.py) is used when it exists; otherwise the same steps run
-     here through wsclip.refine.crf;
+     (as the papers do), then `wsclip pseudo` (wsclip.label.pseudo): dense CRF and the CGL
+     confidence filter (posterior < 0.95 -> 255); or `--cams DIR`: CAM files made elsewhere
+     (CLIMS, CLIP-ES with the tiny CLIP, ...);
+   - "clip-es": CLIP-ES CAMs (GradCAM + CAA) of the tiny CLIP (`wsclip train tiny-clip`,
+     cached in .cache/), background (1 - max)^1, CRF, CGL, as the CLIP-ES paper;
    - "degraded-gt" (FALLBACK, not a WSSS result): ground truth with each object randomly
      eroded or dilated, a few blobs relabelled, and a 255 ring on object borders;
 3. tiny DeepLab-v2 trained on them (`wsclip train seg --preset synth`);
 4. `wsclip segment` on val (and train) and `wsclip eval`.
 Writes benchmarks/results/synth_seg[_<pseudo>].json.
 
-    .venv/bin/python benchmarks/synth_seg.py [--pseudo cam|degraded-gt] [--seg-steps N] [--quick]
+    .venv/bin/python benchmarks/synth_seg.py [--pseudo cam|clip-es|degraded-gt] [--seg-steps N] [--quick]
 """
 
 from __future__ import annotations
@@ -45,71 +47,79 @@ def miou_of(pred_dir, gt_dir, split_file) -> float:
 
 
 # ----------------------------------------------------------------------------- pseudo masks: CAM pipeline
-def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confidence: float) -> dict:
-    """Baseline CAMs -> threshold sweep on train -> [CRF] -> CGL pseudo masks in work/pseudo."""
-    from wsclip.config import CamConfig, from_preset
-    from wsclip.io import read_image, write_mask
-    from wsclip.label.clims_cam import evaluate_cams, make_cams, read_cam_file
-    from wsclip.train.baseline_cam import train_cam
+def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confidence: float, cams=None,
+                     cam_key: str = "high_res", bg: str = "threshold") -> dict:
+    """CAMs (baseline CAM network trained here, or `cams` given) -> background: the threshold chosen by
+    the CAM sweep on train, or (1 - max)^1 (bg="power", CLIP-ES) -> `wsclip pseudo` (CRF, CGL) ->
+    work/pseudo (with 255) and work/pseudo_argmax."""
+    from wsclip.label.clims_cam import evaluate_cams, make_cams
+    from wsclip.label.pseudo import PseudoConfig, make_pseudo_masks
 
-    info: dict = {"source": "cam", "cam_steps": cam_steps}
-    cam_ckpt = work / "cam" / "camnet.safetensors"
-    t0 = time.time()
-    if not cam_ckpt.is_file():
-        log(f"training the baseline CAM network ({cam_steps} steps)")
-        cfg = from_preset(CamConfig, "synth", data=f"voc:{world}", split="train", out=str(work / "cam"),
-                          max_steps=cam_steps, device="cpu", ckpt_every=200)
-        resume = (work / "cam" / "checkpoints").is_dir()
-        train_cam(cfg, resume=resume)
-    info["cam_train_s"] = round(time.time() - t0, 1)
-    t0 = time.time()
-    log("multi-scale CAMs of the train split")
-    make_cams(cam_ckpt, f"voc:{world}", work / "cams", split="train", device="cpu", num_workers=1)
-    info["cam_infer_s"] = round(time.time() - t0, 1)
+    info: dict = {"source": "cam"}
+    if cams is None:
+        from wsclip.config import CamConfig, from_preset
+        from wsclip.train.baseline_cam import train_cam
+
+        info.update(source="cam (baseline CAM network, `wsclip train cam --preset synth`)", cam_steps=cam_steps)
+        cam_ckpt = work / "cam" / "camnet.safetensors"
+        t0 = time.time()
+        if not cam_ckpt.is_file():
+            log(f"training the baseline CAM network ({cam_steps} steps)")
+            cfg = from_preset(CamConfig, "synth", data=f"voc:{world}", split="train", out=str(work / "cam"),
+                              max_steps=cam_steps, device="cpu", ckpt_every=200)
+            train_cam(cfg, resume=(work / "cam" / "checkpoints").is_dir())
+        info["cam_train_s"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        log("multi-scale CAMs of the train split")
+        cams = work / "cams"
+        make_cams(cam_ckpt, f"voc:{world}", cams, split="train", device="cpu", num_workers=1)
+        info["cam_infer_s"] = round(time.time() - t0, 1)
+    else:
+        info.update(source=f"cam files from {cams}")
     gt_dir, split = world / "SegmentationClass", world / "ImageSets" / "Segmentation" / "train.txt"
     thresholds = [round(0.05 * i, 2) for i in range(1, 20)]
-    cms = evaluate_cams(work / "cams", gt_dir, thresholds, NUM_CLASSES, split=split)
+    cms = evaluate_cams(cams, gt_dir, thresholds, NUM_CLASSES, split=split, key=cam_key)
     sweep = {t: cm.miou() for t, cm in cms.items()}
     best = max(sweep, key=sweep.get)
     info.update(cam_miou_by_threshold=sweep, bg_threshold=best, cam_miou=sweep[best])
     log(f"CAM mIoU on train {100 * sweep[best]:.1f} at background threshold {best}")
 
-    try:  # G's `wsclip pseudo`, when it has landed
-        import wsclip.label.pseudo  # noqa: F401
-        info["pseudo_tool_available"] = True
-    except ImportError:
-        info["pseudo_tool_available"] = False
-    # The steps of `wsclip pseudo` (constant background, CRF, CGL filter), via wsclip.refine.crf.
-    from wsclip.refine.crf import dense_crf
-
     full, cgl = work / "pseudo_argmax", work / "pseudo"
     stamp = work / "pseudo_settings.json"
-    settings = {"bg_threshold": best, "crf": crf, "confidence": confidence}
+    settings = {"cams": str(cams), "key": cam_key, "bg": bg, "bg_threshold": best, "crf": crf,
+                "confidence": confidence}
     if stamp.is_file() and json.loads(stamp.read_text()) != settings:
         import shutil
 
         for d in (full, cgl, work / "seg", work / "pred_val", work / "pred_train"):  # and what was built on them
             shutil.rmtree(d, ignore_errors=True)
-    ids = [ln.strip() for ln in split.read_text().splitlines() if ln.strip()]
     t0 = time.time()
-    for i in ids:
-        if (cgl / f"{i}.png").is_file() and (full / f"{i}.png").is_file():
-            continue
-        z = read_cam_file(work / "cams" / f"{i}.npz")
-        keys, cams = z["keys"].astype(np.int64), z["high_res"].astype(np.float32)
-        h, w = cams.shape[1:]
-        scores = np.concatenate([np.full((1, h, w), best, np.float32), cams.reshape(-1, h, w)])
-        labels = np.concatenate([[0], keys + 1]).astype(np.uint8)
-        if crf:
-            q = dense_crf(read_image(world / "JPEGImages" / f"{i}.jpg"), scores / scores.sum(0, keepdims=True))
-        else:
-            q = scores / scores.sum(0, keepdims=True)
-        lab = labels[q.argmax(0)]
-        write_mask(full / f"{i}.png", lab)
-        write_mask(cgl / f"{i}.png", np.where(q.max(0) < confidence, 255, lab).astype(np.uint8))
+    for out, conf in ((full, None), (cgl, confidence)):
+        cfg = PseudoConfig(key=cam_key, bg=bg, bg_threshold=best, crf=crf, confidence=conf, workers=1)
+        make_pseudo_masks(cams, out, data=f"voc:{world}", split="train", cfg=cfg, device="cpu")
     stamp.write_text(json.dumps(settings))
-    info.update(crf=crf, confidence=confidence, pseudo_s=round(time.time() - t0, 1))
+    info.update(bg=bg if bg == "threshold" else "(1 - max)^1", crf=crf, confidence=confidence, pseudo_s=round(time.time() - t0, 1),
+                pseudo_tool="wsclip.label.pseudo.make_pseudo_masks (`wsclip pseudo --bg threshold --crf --confidence`)")
     return info
+
+
+def clip_es_cams(world: Path, work: Path, clip_steps: int | None) -> tuple[Path, dict]:
+    """CLIP-ES CAMs of the train split with the cached tiny CLIP (trained once into .cache/)."""
+    from wsclip.data.synth import SYNTH_BACKGROUND_WORDS
+    from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
+    from wsclip.train.tiny_clip import ensure_tiny_clip
+
+    t0 = time.time()
+    log("tiny CLIP (cached in .cache/ after the first run)")
+    clip = ensure_tiny_clip(ROOT / ".cache", seed=0, steps=clip_steps)
+    info = {"clip": clip.name, "clip_s": round(time.time() - t0, 1)}
+    t0 = time.time()
+    log("CLIP-ES CAMs of the train split")
+    # the tiny CLIP learnt "a photo of a {}." captions; the background words are the world's
+    cfg = ClipEsConfig(template="a photo of a {}.", background=tuple(SYNTH_BACKGROUND_WORDS))
+    make_clip_es_cams(clip, f"voc:{world}", work / "cams", split="train", cfg=cfg, device="cpu", num_workers=1)
+    info.update(clip_es_s=round(time.time() - t0, 1), template=cfg.template, background=list(cfg.background))
+    return work / "cams", info
 
 
 # ----------------------------------------------------------------------------- pseudo masks: fallback
@@ -165,8 +175,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=1000, help="train images of the world")
     ap.add_argument("--val", type=int, default=200, help="val images of the world")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--pseudo", choices=("cam", "degraded-gt"), default="cam")
-    ap.add_argument("--cam-steps", type=int, default=600)
+    ap.add_argument("--pseudo", choices=("cam", "clip-es", "degraded-gt"), default="cam")
+    ap.add_argument("--clip-steps", type=int, help="tiny CLIP training steps for clip-es (default: its own)")
+    ap.add_argument("--cam-steps", type=int, default=600, help="baseline CAM network training steps")
+    ap.add_argument("--cams", type=Path, help="use these CAM files of the world's train split (e.g. CLIMS or "
+                                              "CLIP-ES from `wsclip cam`) instead of training a baseline CAM net")
+    ap.add_argument("--cam-key", default="high_res", help="which maps of the CAM files")
     ap.add_argument("--no-crf", action="store_true", help="cam pseudo masks without the CRF")
     ap.add_argument("--confidence", type=float, default=0.95, help="CGL: posterior below this -> 255")
     ap.add_argument("--seg-steps", type=int, default=800)
@@ -198,8 +212,13 @@ def main(argv=None) -> int:
     split_val = world / "ImageSets" / "Segmentation" / "val.txt"
     train_ids = [ln.strip() for ln in split_train.read_text().splitlines() if ln.strip()]
 
-    if args.pseudo == "cam":
-        info = cam_pseudo_masks(world, work, args.cam_steps, not args.no_crf, args.confidence)
+    if args.pseudo == "clip-es":
+        cams, clip_info = clip_es_cams(world, work, args.clip_steps)
+        info = cam_pseudo_masks(world, work, 0, not args.no_crf, args.confidence, cams, "high_res", bg="power")
+        info.update(source="CLIP-ES CAMs (with CAA) of the tiny CLIP", **clip_info)
+    elif args.pseudo == "cam":
+        info = cam_pseudo_masks(world, work, args.cam_steps, not args.no_crf, args.confidence, args.cams,
+                                args.cam_key)
     else:
         info = degraded_gt_pseudo_masks(world, work)
     pseudo_miou = miou_of(work / "pseudo_argmax", gt_dir, split_train)

@@ -790,6 +790,62 @@ def _run_prompts_select(args):
                                       "ranking": [{"template": t, "sharpness": s} for t, s in ranking]})
 
 
+# ============================================================================ bench
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="throughput benchmarks: wsclip's paths against public-structure baselines "
+                                     "measured in the same run (JSON under benchmarks/results/); `bench report` "
+                                     "renders BENCHMARKS.md")
+    p.add_argument("--suites", help="comma-separated suites (default: all; --list names them)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under two minutes on a CPU)")
+    size.add_argument("--tiny", action="store_true", help="toy sizes: checks that the harness runs (tests use it)")
+    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default benchmarks/results)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--label", help="the machine in words for the report (default '<N>-core CPU' or the GPU's name)")
+    p.add_argument("--list", action="store_true", help="list the suites and exit")
+    p.set_defaults(func=_run_bench)
+    bsub = p.add_subparsers(dest="bench_command", metavar="[report]")
+    r = bsub.add_parser("report", help="render BENCHMARKS.md tables and PNG plots from the run files")
+    r.add_argument("--results", type=Path, help="folder of run files (default benchmarks/results)")
+    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default BENCHMARKS.md)")
+    r.add_argument("--no-plots", action="store_true", help="tables only")
+    r.add_argument("--include-tiny", action="store_true", help="also show --tiny runs (their figures mean nothing)")
+    r.set_defaults(func=_run_bench_report)
+
+
+def _run_bench(args):
+    from wsclip.bench.runner import format_run, load_suites, run_benchmarks
+
+    if args.list:
+        for name, mod in load_suites().items():
+            doc = getattr(mod, "DESCRIPTION", "") if not isinstance(mod, Exception) else f"(cannot import: {mod})"
+            print(f"{name:<16} {doc}")
+        return 0
+    suites = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else None
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    path, run = run_benchmarks(suites, mode=mode, device=args.device, out_dir=args.out, threads=args.threads,
+                               label=args.label, argv=["wsclip", *sys.argv[1:]])
+    print(format_run(run))
+    print(f"wrote {path}")
+    return 1 if any(s["status"] == "error" for s in run["suites"].values()) else 0
+
+
+def _run_bench_report(args):
+    from wsclip.bench.report import write_report
+    from wsclip.bench.runner import repo_root
+
+    results = args.results
+    markdown = args.markdown
+    if results is None or markdown is None:
+        root = repo_root()
+        results = results or root / "benchmarks" / "results"
+        markdown = markdown or root / "BENCHMARKS.md"
+    done = write_report(results, markdown, plots=not args.no_plots, include_tiny=args.include_tiny)
+    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) into {done['markdown']}; "
+          f"{len(done['plots'])} plots")
+
+
 # ============================================================================ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -823,6 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_refine_rw,
         _add_refine_caa,
         _add_prompts_select,
+        _add_bench,
     ):
         add(sub)
     return parser

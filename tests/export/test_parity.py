@@ -79,3 +79,20 @@ def test_compare_outputs_counts_near_ties_apart():
     assert errs["mask"]["decisive_mismatched"] == 1 and errs["mask"]["decisive_agreement"] == pytest.approx(5 / 6)
     with pytest.raises(WsclipError, match="shape"):
         compare_outputs({"cams": cams}, {"cams": cams[:, :1]})
+
+
+def test_open_labeler_gives_every_backend_the_same_interface(cam_onnx, cam_ckpt, clip_ckpt, tmp_path):
+    from wsclip.export.ort import OrtRunner
+    from wsclip.export.parity import open_artefact, open_labeler
+    from wsclip.label.cam_labeler import CamLabeler
+
+    torch_lab, ort_lab = open_labeler(cam_ckpt), open_labeler(cam_onnx)
+    assert isinstance(torch_lab, CamLabeler) and isinstance(ort_lab, OrtRunner)
+    x = np.random.default_rng(7).integers(0, 256, (2, 3, 40, 56), dtype=np.uint8)
+    a, b = torch_lab.run(x), ort_lab.run(x)
+    assert a.keys() == b.keys() == {"cams", "mask"}
+    np.testing.assert_allclose(a["cams"], b["cams"], atol=1e-4)
+    with pytest.raises(WsclipError, match="not a labeler"):
+        open_labeler(clip_ckpt)
+    with pytest.raises(WsclipError, match="neither"):
+        open_artefact(tmp_path / "x.bin")

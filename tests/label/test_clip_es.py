@@ -172,6 +172,14 @@ def test_cli_cam_clip_es_writes_cams_and_resumes(tmp_path, voc14):
     assert main(argv) == 0  # resume: nothing redone
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.npz")} == mtimes
     assert main(["cam", "--method", "clip-es", "--data", str(data), "--out", str(out)]) == 2  # --clip missing
+    # `wsclip refine caa` alone on the raw maps gives back the labeler's CAA maps (same patch grid)
+    ref = tmp_path / "caa"
+    assert main(["refine", "caa", "--cams", str(out), "--out", str(ref), "--data", str(data), "--split", "val",
+                 "--clip", str(ckpt), "--key", "high_res_raw", "--device", "cpu"]) == 0
+    with np.load(ref / "2009_000573.npz") as z, np.load(out / "2009_000573.npz") as orig:
+        assert z["cam"].shape == (2, 3, 4) and z["high_res"].shape == (2, 45, 61)
+        np.testing.assert_array_equal(z["high_res_raw"], orig["high_res_raw"])
+        assert np.abs(z["high_res"].astype(np.float32) - orig["high_res"].astype(np.float32)).mean() < 0.1
 
 
 def test_make_cams_resume_after_interrupt(tmp_path, voc14, clip):

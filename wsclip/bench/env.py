@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import shlex
@@ -12,15 +11,19 @@ from pathlib import Path
 
 import torch
 
-_LIBS = ("triton", "onnxruntime", "onnx", "open_clip", "tensorrt", "numpy", "torchvision", "scipy")
+# report name -> distribution name (read from package metadata: no slow imports)
+_LIBS = {"triton": "triton", "onnxruntime": "onnxruntime", "onnxruntime-gpu": "onnxruntime-gpu", "onnx": "onnx",
+         "open_clip": "open_clip_torch", "tensorrt": "tensorrt", "numpy": "numpy", "torchvision": "torchvision",
+         "scipy": "scipy"}
 
 
-def _version(module: str) -> str | None:
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
     try:
-        mod = importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - a broken optional install counts as absent
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
         return None
-    return str(getattr(mod, "__version__", "unknown"))
 
 
 def cpu_name() -> str:
@@ -82,16 +85,18 @@ def capture_environment(device: torch.device, argv: list[str] | None = None, roo
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "wsclip": __version__,
-        "versions": {name: _version(name) for name in _LIBS},
+        "versions": {name: _version(dist) for name, dist in _LIBS.items()},
         "command": shlex.join(argv if argv is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
         "git_commit": _git_commit(root) if root is not None else None,
     }
-    try:
-        import onnxruntime
+    env["onnxruntime_providers"] = None
+    if env["versions"]["onnxruntime"] or env["versions"]["onnxruntime-gpu"]:
+        try:
+            import onnxruntime
 
-        env["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
-    except Exception:  # noqa: BLE001
-        env["onnxruntime_providers"] = None
+            env["onnxruntime_providers"] = list(onnxruntime.get_available_providers())
+        except Exception:  # noqa: BLE001 - a broken install: no providers
+            pass
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update({

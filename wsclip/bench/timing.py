@@ -56,6 +56,7 @@ class Meter:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.history: list[Timing] = []  # every measurement, in order
         self._libc = None
         if not self.cuda and Path("/proc/self/clear_refs").exists():
             try:
@@ -91,8 +92,10 @@ class Meter:
             if budget_s is not None and time.perf_counter() - start > budget_s and i + 1 < reps:
                 stopped = True
                 break
-        return Timing(statistics.median(times), times, max(0, warmup), "cuda-events" if self.cuda else "wall-clock",
-                      stopped)
+        timing = Timing(statistics.median(times), times, max(0, warmup), "cuda-events" if self.cuda else "wall-clock",
+                        stopped)
+        self.history.append(timing)
+        return timing
 
     def time(self, fn: Callable[[], object], reps: int = 5, warmup: int = 1, budget_s: float | None = None) -> float:
         """Median seconds of fn() (the interface `benchmarks/kernels.py` expects of a meter)."""
@@ -145,10 +148,12 @@ def measure_ceilings(meter: Meter, matmul_n: int, copy_mb: int, reps: int = 3,
     del src, dst
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for name in dtypes:
-        a = torch.rand(matmul_n, matmul_n, device=dev).to(dt[name])
-        b = torch.rand(matmul_n, matmul_n, device=dev).to(dt[name])
+        # CPUs without bf16/fp16 units emulate them hundreds of times slower: a smaller product suffices there
+        m = matmul_n if meter.cuda or name == "fp32" else min(matmul_n, 256)
+        a = torch.rand(m, m, device=dev).to(dt[name])
+        b = torch.rand(m, m, device=dev).to(dt[name])
         t = meter.measure(lambda: a @ b, reps=reps).median_s
-        out[f"matmul_{name}_GFLOPs"] = 2 * matmul_n**3 / t / 1e9
+        out[f"matmul_{name}_GFLOPs"] = 2 * m**3 / t / 1e9
     if meter.cuda:
         out["tf32_matmul_allowed"] = bool(torch.backends.cuda.matmul.allow_tf32)
     return out

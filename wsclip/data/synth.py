@@ -37,6 +37,10 @@ BACKGROUND_PHRASES: dict[str, str] = {
 
 P_PREFERRED = 0.8  # probability that a scene's background is its first object's preferred one
 P_COMPANION = 0.7  # probability that a further object is a class preferring the same background
+# the "pretrain" split (the tiny CLIP's corpus) is broader, as web data is for a real CLIP:
+# objects meet their usual background less often, so shapes must be learned, not just scenes
+PRETRAIN_P_PREFERRED = 0.35
+PRETRAIN_P_COMPANION = 0.35
 NUM_OBJECTS_P = (0.45, 0.35, 0.20)  # 1, 2 or 3 objects
 MIN_VISIBLE = 0.6  # an object must keep this fraction of its pixels after occlusion
 
@@ -320,21 +324,25 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def generate_scene(seed: int, split: str, index: int, size: int = 64) -> SynthScene:
-    """The scene number `index` of `split` for `seed` (identical on every call and machine)."""
+    """The scene number `index` of `split` for `seed` (identical on every call and machine).
+
+    Splits: "train", "val" and "pretrain" (the tiny CLIP's corpus, weaker co-occurrence).
+    """
     if size < 32:
         raise WsclipError(f"synth images must be at least 32 px, got {size}")
     rng = scene_rng(seed, split, index)
     K, L = len(SYNTH_CLASSES), len(SYNTH_BACKGROUNDS)
+    p_pref, p_comp = (PRETRAIN_P_PREFERRED, PRETRAIN_P_COMPANION) if split == "pretrain" else (P_PREFERRED, P_COMPANION)
     n_obj = 1 + int(rng.choice(3, p=NUM_OBJECTS_P))
     first = int(rng.integers(K))
-    if rng.random() < P_PREFERRED:
+    if rng.random() < p_pref:
         bg = SYNTH_PREFERRED[first]
     else:
         bg = int(rng.choice([b for b in range(L) if b != SYNTH_PREFERRED[first]]))
     companions = [c for c in range(K) if SYNTH_PREFERRED[c] == bg]
     wanted = [first]
     for _ in range(n_obj - 1):
-        wanted.append(int(rng.choice(companions)) if rng.random() < P_COMPANION else int(rng.integers(K)))
+        wanted.append(int(rng.choice(companions)) if rng.random() < p_comp else int(rng.integers(K)))
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     k = size / 64.0

@@ -20,6 +20,7 @@ _EXPORTS = {
     "OrtRunner": "wsclip.export.ort",
     "check_parity": "wsclip.export.parity",
     "open_artefact": "wsclip.export.parity",
+    "open_labeler": "wsclip.export.parity",
     "ParityReport": "wsclip.export.parity",
     "to_fp16": "wsclip.export.precision",
     "quantize": "wsclip.export.precision",

@@ -5,15 +5,17 @@ dynamic) and, when given, a folder of real images (each at its own size where th
 allows, else resized). For every float output the report gives the max absolute error and
 the max relative error (max |a - b| divided by max |b| of the reference, so near-zero
 entries do not blow it up); for integer outputs (label masks) the fraction of equal pixels.
-The check passes when every relative error is <= `tolerance` and every mask agreement is
->= `min_agreement`.
+An argmax is discontinuous: a pixel whose two best scores differ by less than the accepted
+error (2 * tolerance * max score) can flip under any rounding, so such near-ties are counted
+apart, and the mask agreement that is checked is the one over all pixels minus the flipped
+near-ties. The check passes when every relative error is <= `tolerance` and every such mask
+agreement is >= `min_agreement` (default 1.0: every decisive pixel agrees).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -187,6 +189,31 @@ def open_artefact(path, device="cpu", **kw):
 
         return OrtRunner(path, device=device, **kw)
     raise WsclipError(f"{path} is neither an .onnx file nor a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
+
+
+def open_labeler(path, device="cpu", **kw):
+    """Any labeler backend behind `run(images, labels=None)`: an .onnx file, a TensorRT engine, or a
+    CAM / segmentation checkpoint (PyTorch CamLabeler / SegLabeler; `kw` are their options)."""
+    import json
+
+    from wsclip.export.tensorrt import ENGINE_SUFFIXES
+    from wsclip.io import sidecar_path
+
+    path = Path(path)
+    if path.suffix in (".onnx", *ENGINE_SUFFIXES):
+        return open_artefact(path, device=device, **kw)
+    side = sidecar_path(path)
+    kind = json.loads(side.read_text()).get("kind") if side.is_file() else None
+    if kind == "camnet":
+        from wsclip.label.cam_labeler import load_cam_labeler
+
+        return load_cam_labeler(path, device=device, **kw)
+    if kind == "seg":
+        from wsclip.label.seg_labeler import load_seg_labeler
+
+        return load_seg_labeler(path, device=device, **kw)
+    raise WsclipError(f"{path} is not a labeler: pass a CAM network or segmentation checkpoint (with its JSON "
+                      f"sidecar), an .onnx export or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
 
 
 def _random_cases(meta: dict, n: int, seed: int):

@@ -138,7 +138,7 @@ def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edg
     cfg = cfg or PseudoConfig()
     cams = cam_file["cams"]
     if edge is not None:
-        scores = random_walk_scores(cams, edge, cfg, low=cam_file["file"].get("cam"))
+        scores = random_walk_scores(cams, edge, cfg, low=cam_file["file"].get("cam") if cfg.key == "high_res" else None)
     else:
         scores = stack_scores(cams, cfg)
     if cfg.crf:
@@ -273,7 +273,8 @@ def make_pseudo_masks(
                             f"but the image is {image.shape[1]}x{image.shape[0]}; the CAMs belong to other images"
                         )
                 if edges is not None:
-                    scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=cam["file"].get("cam"))
+                    low = cam["file"].get("cam") if cfg.key == "high_res" else None  # "cam" pairs with "high_res"
+                    scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=low)
                 else:
                     scores = stack_scores(cam["cams"], cfg)
             except (BadFileError, MissingFileError) as exc:

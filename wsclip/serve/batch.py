@@ -457,7 +457,7 @@ def _prepare_out(out: Path, settings: dict, restart: bool):
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / LOCK_FILE, "w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: not inherited by worker processes
     except OSError:
         lock.close()
         raise WsclipError(f"another `wsclip label` is writing to {out}; wait for it or pick another --out") from None

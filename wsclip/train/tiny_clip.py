@@ -61,7 +61,7 @@ class TinyClipConfig:
     """Training settings; `quick()` gives a short run for smoke tests and demos."""
 
     steps: int = 600
-    batch_size: int = 48  # scenes per step; each gives 3 views
+    batch_size: int = 32  # scenes per step; each gives 4 views
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 30
@@ -146,7 +146,7 @@ def _crop_resize(x: torch.Tensor, box, out: int) -> torch.Tensor:
 
 
 def make_views(scenes, rng: np.random.Generator):
-    """Views of a list of SynthScene: (pixels (3B, 3, S, S) normalised, texts, contents).
+    """Views of a list of SynthScene: (pixels (4B, 3, S, S) normalised, texts, contents).
 
     contents[i] = (frozenset of class indices, background index or None) of view i.
     """
@@ -174,34 +174,36 @@ def make_views(scenes, rng: np.random.Generator):
             texts.append(caption_for(names))
         else:
             texts.append(rng.choice(OBJECT_TEMPLATES).format(SYNTH_CLASSES[int(rng.choice(present))]))
-        # object view
+        # object views: one masked onto the mean colour in the full frame (what CLIMS feeds
+        # CLIP), one bounding-box crop (plain or masked)
         if sc.object_classes:
-            j = int(rng.integers(len(sc.object_classes)))
-            c = sc.object_classes[j]
-            m = (inst_b == j + 1).float()[None, None]
-            m = _dilate(m, int(rng.choice(4, p=(0.4, 0.3, 0.2, 0.1))))
-            if rng.random() < 0.5:
-                m = _soften(m)
-            m = m[0]
-            r = rng.random()
-            if r < 0.55:
-                views.append(img * m)
-                contents.append((frozenset([c]), None))
-            else:
-                ys, xs = torch.nonzero(inst_b == j + 1, as_tuple=True)
-                pad = float(rng.uniform(1, 5))
-                y0, y1 = ys.min().item() - pad, ys.max().item() + 1 + pad
-                x0, x1 = xs.min().item() - pad, xs.max().item() + 1 + pad
-                side = max(y1 - y0, x1 - x0)
-                cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-                box = (cy - side / 2, cx - side / 2, cy + side / 2, cx + side / 2)
-                if r < 0.8:
-                    views.append(_crop_resize(img, box, size))
-                    contents.append((frozenset([c]), bg))
-                else:
-                    views.append(_crop_resize(img * m, box, size))
+            n = len(sc.object_classes)
+            picks = rng.choice(n, size=2, replace=n < 2)
+            for kind, j in zip(("masked", "crop"), picks.tolist()):
+                c = sc.object_classes[j]
+                m = (inst_b == j + 1).float()[None, None]
+                m = _dilate(m, int(rng.choice(4, p=(0.4, 0.3, 0.2, 0.1))))
+                if rng.random() < 0.5:
+                    m = _soften(m)
+                m = m[0]
+                if kind == "masked":
+                    views.append(img * m)
                     contents.append((frozenset([c]), None))
-            texts.append(rng.choice(OBJECT_TEMPLATES).format(SYNTH_CLASSES[c]))
+                else:
+                    ys, xs = torch.nonzero(inst_b == j + 1, as_tuple=True)
+                    pad = float(rng.uniform(1, 5))
+                    y0, y1 = ys.min().item() - pad, ys.max().item() + 1 + pad
+                    x0, x1 = xs.min().item() - pad, xs.max().item() + 1 + pad
+                    side = max(y1 - y0, x1 - x0)
+                    cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+                    box = (cy - side / 2, cx - side / 2, cy + side / 2, cx + side / 2)
+                    if rng.random() < 0.6:
+                        views.append(_crop_resize(img, box, size))
+                        contents.append((frozenset([c]), bg))
+                    else:
+                        views.append(_crop_resize(img * m, box, size))
+                        contents.append((frozenset([c]), None))
+                texts.append(rng.choice(OBJECT_TEMPLATES).format(SYNTH_CLASSES[c]))
         # background view: remove every instance of one class
         c = int(rng.choice(present)) if present else -1
         removed = torch.zeros_like(inst_b, dtype=torch.float32)

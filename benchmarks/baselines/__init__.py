@@ -1,0 +1,1 @@
+"""Baselines with the public code's structure, written here from METHODS.md (no code copied)."""
