@@ -110,7 +110,10 @@ class ClipEs:
     # ------------------------------------------------------------------ pieces
     def preprocess(self, image) -> torch.Tensor:
         """(3, H', W') CLIP-normalised pixels on the device from a uint8 (H, W, 3) image; H', W' rounded up."""
-        img = torch.as_tensor(np.ascontiguousarray(image)) if not isinstance(image, torch.Tensor) else image
+        if not isinstance(image, torch.Tensor):
+            arr = np.asarray(image)
+            image = torch.from_numpy(np.ascontiguousarray(arr) if arr.flags.writeable else np.array(arr))
+        img = image
         if img.dim() != 3 or img.shape[-1] != 3:
             raise ShapeError(f"expected an RGB (H, W, 3) image, got shape {tuple(img.shape)}")
         size = rounded_size(img.shape[:2], self.patch)
