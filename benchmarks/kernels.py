@@ -59,6 +59,7 @@ class Meter:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.last_cpu = None
         self.cuda = device.type == "cuda"
         self._libc = None
         if not self.cuda and Path("/proc/self/clear_refs").exists():
@@ -72,11 +73,15 @@ class Meter:
             torch.cuda.synchronize(self.device)
 
     def time(self, fn, reps: int, warmup: int = 1, budget_s: float | None = None) -> float:
-        """Median seconds of fn() over `reps` runs (fewer when `budget_s` is exceeded)."""
+        """Median seconds of fn() over `reps` runs (fewer when `budget_s` is exceeded).
+
+        On the CPU also keeps the median process CPU time in `last_cpu` (steadier than the
+        wall clock on a machine shared with other jobs); None on the GPU.
+        """
         for _ in range(warmup):
             fn()
         self.sync()
-        times = []
+        times, cpu = [], []
         start = time.perf_counter()
         for _ in range(reps):
             if self.cuda:
@@ -87,11 +92,13 @@ class Meter:
                 b.synchronize()
                 times.append(a.elapsed_time(b) / 1e3)
             else:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
             if budget_s is not None and time.perf_counter() - start > budget_s:
                 break
+        self.last_cpu = statistics.median(cpu) if cpu else None
         return statistics.median(times)
 
     def peak(self, fn) -> float | None:
@@ -139,13 +146,21 @@ def ceilings(meter: Meter, quick: bool, size: dict) -> dict:
     return out
 
 
+def _cpu(meter) -> float | None:
+    """The last measurement's process CPU time, when the meter keeps one (other meters may not)."""
+    return getattr(meter, "last_cpu", None)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _row(kernel, variant, shape, t, meter, ceil, *, fn=None, nbytes=None, flops=None, err=None, peak=None, note=None):
+def _row(kernel, variant, shape, t, meter, ceil, *, fn=None, nbytes=None, flops=None, err=None, peak=None, note=None,
+         cpu=None):
     row = {"kernel": kernel, "variant": variant, "shape": shape, "time_ms": t * 1e3}
+    if cpu is not None:
+        row["cpu_ms"] = cpu * 1e3
     if nbytes is not None:
         row["GBps"] = nbytes / t / 1e9
         row["pct_copy_ceiling"] = 100 * row["GBps"] / ceil["copy_GBps"]
@@ -196,7 +211,7 @@ def bench_masked_batch(meter, ceil, quick, gpu, size):
     rows = []
     t_ref = meter.time(ref, reps)
     rows.append(_row("masked_batch", "torch reference (interpolate, normalise, multiply)", shape, t_ref, meter, ceil,
-                     fn=ref, nbytes=nbytes, note=f"out {str(out_dtype)[6:]}"))
+                     fn=ref, nbytes=nbytes, note=f"out {str(out_dtype)[6:]}", cpu=_cpu(meter)))
     speed = []
     if gpu:
         i, c, p = sets[0]
@@ -264,29 +279,45 @@ def bench_random_walk(meter, ceil, quick, gpu, size):
         variants = [("torch", "torch stencil (sparse CSR)")]
         if gpu:
             variants += [("triton", "triton stencil"), ("triton+graph", "triton stencil, CUDA graph replay")]
-        runs = []  # (backend, name, fn, seconds, output)
+        runs = []  # (backend, name, fn, seconds, output, cpu seconds)
         for backend, name in variants:
             fn = lambda b=backend: random_walk(x, aff, radius, beta, exp_times, backend=b.split("+")[0],  # noqa: E731
                                                cuda_graph=b.endswith("graph"))
             out = fn()
-            runs.append((backend, name, fn, meter.time(fn, reps, warmup=1 if gpu else 0, budget_s=20), out))
+            runs.append((backend, name, fn, meter.time(fn, reps, warmup=1 if gpu else 0, budget_s=20), out,
+                         _cpu(meter)))
         times = {r[0]: r[3] for r in runs}
+        cpus = {r[0]: r[5] for r in runs}
+        cpu_dense = None
         dense_out = None
         if with_dense:
             dfn = lambda: dense_random_walk(x, aff, radius, beta, exp_times, dtype=torch.float32)  # noqa: E731
-            dense_out = dfn()
-            t_dense = meter.time(dfn, 3 if (gpu and not quick) else 1, warmup=0)
-            peak_dense = meter.peak(dfn)
-        for backend, name, fn, t, out in runs:
+            if gpu:
+                dense_out = dfn()
+                t_dense = meter.time(dfn, 1 if quick else 3, warmup=0)
+                peak_dense = meter.peak(dfn)
+            else:  # seconds to minutes on a CPU: one run gives the output, the time and the peak
+                box = {}
+
+                def timed():
+                    t, c = time.perf_counter(), time.process_time()
+                    box["out"] = dfn()
+                    box["t"], box["cpu"] = time.perf_counter() - t, time.process_time() - c
+
+                peak_dense = meter.peak(timed)
+                dense_out, t_dense, cpu_dense = box["out"], box["t"], box["cpu"]
+        for backend, name, fn, t, out, cpu in runs:
             err = _rel(out, dense_out) if dense_out is not None else None
             rows.append(_row("random_walk", name, shape, t, meter, ceil, fn=fn, nbytes=nbytes, flops=flops, err=err,
-                             note="rel_err vs dense IRN fp32" if err is not None else None))
+                             note="rel_err vs dense IRN fp32" if err is not None else None, cpu=cpu))
         if dense_out is not None:
             rows.append(_row("random_walk", "dense IRN (T as HW x HW, squared exp_times times, fp32)", shape,
-                             t_dense, meter, ceil, flops=dense_flops, peak=peak_dense))
+                             t_dense, meter, ceil, flops=dense_flops, peak=peak_dense, cpu=cpu_dense))
             for (backend, name, *_), row in zip(runs, rows[-len(runs) - 1 : -1]):
                 s = {"kernel": f"random_walk {H}x{W}", "fast": name, "baseline": "dense IRN fp32",
                      "ratio": t_dense / times[backend]}
+                if cpu_dense and cpus[backend]:
+                    s["ratio_cpu_time"] = cpu_dense / cpus[backend]
                 if backend.startswith("triton"):
                     s["target"] = 1000.0
                 elif not gpu and side == 64:
@@ -319,32 +350,45 @@ def bench_caa(meter, ceil, quick, gpu, size):
         attn = (torch.randn(1, N, N, device=dev) * 3).softmax(-1)
         cams = torch.rand(1, C, side, side, device=dev)
         masks = torch.rand(1, C, side, side, device=dev) > 0.5
-        reps = 2 if (quick or (not gpu and N >= 4096)) else 10
+        slow = not gpu and N >= 4096  # an N^3 product on a CPU: seconds per call, time it once
+        reps, warm = (1, 0) if slow else ((2, 1) if quick else (10, 1))
         trans_flops = 2 * N**3
         prop_bytes = 4 * N * N
+        # the truth in fp64: the literal algorithm, or (too slow on a CPU at N = 4096) the (V S) S form
+        if slow:
+            truth = caa_refine(attn.double(), cams.double(), masks)
+        else:
+            truth = caa_propagate_reference(caa_transition_reference(attn.double()), cams.double(), masks)
+        box = {}
 
-        def ref_all():
-            return caa_propagate_reference(caa_transition_reference(attn), cams, masks)
+        def ref_transition():
+            box["A"] = caa_transition_reference(attn)
+            return box["A"]
 
-        truth = caa_propagate_reference(caa_transition_reference(attn.double()), cams.double(), masks)
-        t_ref_t = meter.time(lambda: caa_transition_reference(attn), reps)
+        t_ref_t = meter.time(ref_transition, reps, warmup=warm)
+        c_ref_t = _cpu(meter)
+        A = box["A"]
         rows.append(_row("caa_transition", "torch reference (6 normalisation passes, matmul)", shape, t_ref_t,
-                         meter, ceil, fn=lambda: caa_transition_reference(attn), flops=trans_flops))
-        A = caa_transition_reference(attn)
-        t_ref_p = meter.time(lambda: caa_propagate_reference(A, cams, masks), reps)
+                         meter, ceil, fn=ref_transition, flops=trans_flops, cpu=c_ref_t))
+        t_ref_p = meter.time(lambda: caa_propagate_reference(A, cams, masks), reps, warmup=warm)
+        c_ref_p = _cpu(meter)
         rows.append(_row("caa_propagate", "torch reference (matmul, min-max)", shape, t_ref_p, meter, ceil,
-                         fn=lambda: caa_propagate_reference(A, cams, masks), nbytes=prop_bytes))
-        t_ref = meter.time(ref_all, reps)
-        rows.append(_row("caa", "torch reference transition + propagate", shape, t_ref, meter, ceil, fn=ref_all,
-                         flops=trans_flops, err=_rel(ref_all(), truth)))
+                         fn=lambda: caa_propagate_reference(A, cams, masks), nbytes=prop_bytes, cpu=c_ref_p))
+        t_ref = t_ref_t + t_ref_p
+        c_ref = c_ref_t + c_ref_p if c_ref_t is not None else None
+        rows.append(_row("caa", "torch reference transition + propagate", shape, t_ref, meter, ceil,
+                         flops=trans_flops, peak=rows[-2]["peak_mem_MB"], cpu=c_ref,
+                         err=_rel(caa_propagate_reference(A, cams, masks), truth),
+                         note="time: the sum of the two rows above"))
         variants = [("torch", "torch")] + ([("triton", "triton")] if gpu else [])
         for backend, name in variants:
             fn = lambda b=backend: caa_refine(attn, cams, masks, backend=b)  # noqa: E731
-            t = meter.time(fn, reps)
+            t = meter.time(fn, max(reps, 3), warmup=1)
+            c = _cpu(meter)
             rows.append(_row("caa", f"caa_refine {name} (F = (V S) S, no N^3 square)", shape, t, meter, ceil, fn=fn,
-                             flops=8 * C * N * N + 12 * N * N, err=_rel(fn(), truth)))
+                             flops=8 * C * N * N + 12 * N * N, err=_rel(fn(), truth), cpu=c))
             speed.append({"kernel": f"caa N={N}", "fast": f"caa_refine {name}", "baseline": "torch reference transition + propagate",
-                          "ratio": t_ref / t})
+                          "ratio": t_ref / t, **({"ratio_cpu_time": c_ref / c} if c and c_ref else {})})
         if gpu:
             ft = lambda: caa_transition(attn, backend="triton")  # noqa: E731
             t_t = meter.time(ft, reps)
@@ -425,18 +469,19 @@ def main(argv=None) -> int:
     print(f"device: {name} ({result['paths']}); torch {torch.__version__}, triton {triton_version}, "
           f"threads {result['threads']}")
     print("ceilings: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in ceil.items()))
-    print(f"{'kernel':<16} {'variant':<58} {'ms':>10} {'GB/s':>8} {'GFLOP/s':>9} {'peak MB':>8} {'rel err':>8}")
+    print(f"{'kernel':<16} {'variant':<58} {'ms':>10} {'cpu ms':>10} {'GB/s':>8} {'GFLOP/s':>9} {'peak MB':>8} {'rel err':>8}")
     for r in rows:
         if "time_ms" not in r:
             print(f"{r['kernel']:<16} {r['variant']:<58} {r.get('note', '')}")
             continue
         f = lambda k, fmt: format(r[k], fmt) if r.get(k) is not None else "-"  # noqa: E731
-        print(f"{r['kernel']:<16} {r['variant'][:58]:<58} {r['time_ms']:>10.3f} {f('GBps', '8.1f'):>8} "
+        print(f"{r['kernel']:<16} {r['variant'][:58]:<58} {r['time_ms']:>10.3f} {f('cpu_ms', '10.3f'):>10} {f('GBps', '8.1f'):>8} "
               f"{f('GFLOPs', '9.1f'):>9} {f('peak_mem_MB', '8.1f'):>8} {f('rel_err', '8.1e'):>8}")
     for s in speed:
         unit = "" if s.get("metric", "").startswith("percent") else "x"
         tgt = f" (target {s['target']:g}{unit}: {'met' if s['met'] else 'NOT met'})" if "target" in s else ""
-        print(f"{s.get('metric', 'speed-up')} {s['kernel']}: {s['fast']} vs {s['baseline']}: {s['ratio']:.1f}{unit}{tgt}")
+        cpu = f" (process CPU time: {s['ratio_cpu_time']:.1f}x)" if "ratio_cpu_time" in s else ""
+        print(f"{s.get('metric', 'speed-up')} {s['kernel']}: {s['fast']} vs {s['baseline']}: {s['ratio']:.1f}{unit}{tgt}{cpu}")
     print(f"wrote {out} in {result['seconds']:.0f} s")
     return 0
 

@@ -207,7 +207,7 @@ def _triton_kernels(interpret: bool):
             {"BLOCK_I": 64, "BLOCK_J": 128, "num_stages": 2},
             {"BLOCK_I": 128, "BLOCK_J": 64, "num_stages": 2},
         ],
-        key=["N", "C"],
+        key=["N", "C", "SYM"],
         default={"BLOCK_I": 16, "BLOCK_J": 16},
         num_warps=[4],
     )
