@@ -1,10 +1,10 @@
 """Random-walk refinement against dense float64 references built independently from the offsets.
 
-Accuracy measure: the relative error ||got - ref|| / ||ref|| (Frobenius) must be below 1e-4, and the
-largest element error below 1e-3 of the largest value. The fp32 stencil applies T 256 times in
-sequence; on nearly isolated pixels (strong boundaries, a^10 ~ 1e-9) each step's inflow is below
-half an ulp of the pixel's value and is rounded away, so single elements drift by up to ~5e-4
-relative while the norm-wise error stays ~6e-5 (measured; IRN's dense fp32 squaring: ~2e-5).
+Accuracy measure: the relative error ||got - ref|| / ||ref|| (Frobenius) must be below 1e-4 and
+the largest element error below 3e-4 of the largest value. The fp32 stencil applies T 256 times
+in sequence; with float64-computed weights and iteration on the change x_t - x0 (see
+wsclip.kernels.random_walk) it measures about 1.5e-5 norm-wise and 1.3e-4 per element at 32x32
+with strong boundaries (IRN's own dense fp32 squaring: about 2e-5 norm-wise).
 """
 
 import numpy as np
@@ -49,7 +49,7 @@ def assert_close_rel(got: torch.Tensor, ref: torch.Tensor):
     diff = got.double() - ref
     assert torch.isfinite(got).all()
     assert (diff.norm() / ref.norm()).item() < 1e-4
-    assert (diff.abs().max() / ref.abs().max()).item() < 1e-3
+    assert (diff.abs().max() / ref.abs().max()).item() < 3e-4
 
 
 def brute_edge_affinity(edge: torch.Tensor, radius: int) -> torch.Tensor:

@@ -83,10 +83,15 @@ def _shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 def stencil_weights(affinity: torch.Tensor, radius: int, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(wf, inv_d): wf (B,K,H,W) fp32 = a^beta where the forward neighbour is inside, else 0;
-    inv_d (B,H,W) = 1 / D_j, D_j = 1 + sum of the weights of j's 2K neighbours."""
+    inv_d (B,H,W) = 1 / D_j, D_j = 1 + sum of the weights of j's 2K neighbours.
+
+    Computed once per image in float64 and rounded to fp32 at the end: the 256 steps
+    reuse these weights, so their rounding error would otherwise compound (measured at
+    32x32: max element error 4e-4 with fp32 weights, 1.3e-4 with these)."""
     offs = _offsets(radius)
     B, K, H, W = affinity.shape
-    a = affinity.float().clamp_min(0)
+    wide = torch.float32 if affinity.device.type == "mps" else torch.float64
+    a = affinity.to(wide).clamp_min(0)
     wf = torch.exp(beta * torch.log(a))  # a^beta; a = 0 gives exp(-inf) = 0
     valid = torch.zeros(K, H, W, dtype=torch.bool, device=a.device)
     for k, (dy, dx) in enumerate(offs):
@@ -96,7 +101,15 @@ def stencil_weights(affinity: torch.Tensor, radius: int, beta: float) -> tuple[t
     d = 1.0 + wf.sum(1)
     for k, (dy, dx) in enumerate(offs):
         d += _shift(wf[:, k], dy, dx)
-    return wf.contiguous(), (1.0 / d).contiguous()
+    return wf.float().contiguous(), (1.0 / d).float().contiguous()
+
+
+_DELTA_DOC = """Both paths iterate on the change d = x_t - x0 rather than on x_t itself:
+x_{t+1} = x_t T gives d_1 = x0 T - x0 = c and d_{t+1} = c + d_t T, output x0 + d.
+Same arithmetic count, but a pixel nearly cut off by boundaries receives inflows far below
+half an fp32 ulp of its own value; added to the small d they survive, added to x_t they
+are rounded away 256 times (measured at 32x32 against float64: norm-wise error 2.4e-5 ->
+1.5e-5, max element error 1.9e-4 -> 1.3e-4 of the largest value)."""
 
 
 # ----------------------------------------------------------------------------- PyTorch path
@@ -138,17 +151,24 @@ def stencil_matrix(wf: torch.Tensor, inv_d: torch.Tensor, radius: int) -> torch.
 
 
 def _walk_torch(x: torch.Tensor, wf: torch.Tensor, inv_d: torch.Tensor, radius: int, steps: int) -> torch.Tensor:
-    """The stencil with torch ops: `steps` sparse products with the CSR stencil matrix.
+    """The stencil with torch ops: sparse products with the CSR stencil matrix, in the
+    change-iteration form of `_DELTA_DOC` (x0 + d, d <- c + d T).
 
     Measured about 2x faster on the CPU than 69 shift-and-add passes over padded tensors
     (one library call per step instead of 2K+1 elementwise ops).
     """
     B, C, H, W = x.shape
     tt = stencil_matrix(wf, inv_d, radius)
-    y = x.float().permute(0, 2, 3, 1).reshape(B * H * W, C).contiguous()
+    x0 = x.float().permute(0, 2, 3, 1).reshape(B * H * W, C).contiguous()
     with torch.no_grad():
-        for _ in range(steps):
-            y = tt @ y
+        if steps == 0:
+            y = x0
+        else:
+            c = tt @ x0 - x0
+            d = c
+            for _ in range(steps - 1):
+                d = tt @ d + c
+            y = x0 + d
     return y.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
 
 
@@ -159,8 +179,9 @@ def _triton_kernels(interpret: bool):
     triton, tl = import_triton()
 
     @triton.jit
-    def rw_step(src, dst, wf, inv_d, offs, C, H, W, K, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        # one program: BLOCK_C classes x BLOCK_P pixels of one image; x' = (sum_i w_ij x_i) / D_j
+    def rw_step(src, dst, add, wf, inv_d, offs, C, H, W, K, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        # one program: BLOCK_C classes x BLOCK_P pixels of one image;
+        # x'_j = (sum_i w_ij x_i) / D_j + add_j (the change-iteration form, see _DELTA_DOC)
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         b = tl.program_id(2)
@@ -192,6 +213,7 @@ def _triton_kernels(interpret: bool):
             v = tl.load(src + rows + r[None, :], mask=cm[:, None] & okb[None, :], other=0.0)
             acc += w[None, :] * v.to(tl.float32)
         acc = acc * tl.load(inv_d + b * HW + p, mask=pm, other=0.0)[None, :]
+        acc += tl.load(add + rows + p[None, :], mask=cm[:, None] & pm[None, :], other=0.0)
         tl.store(dst + rows + p[None, :], acc, mask=cm[:, None] & pm[None, :])
 
     step = tuned(
@@ -212,26 +234,31 @@ def _offset_table(radius: int, device) -> torch.Tensor:
 
 def _walk_triton(x: torch.Tensor, wf: torch.Tensor, inv_d: torch.Tensor, radius: int, steps: int,
                  off_t: torch.Tensor | None = None) -> torch.Tensor:
-    """`steps` launches of the stencil kernel, ping-ponging two fp32 buffers."""
+    """`steps` launches of the stencil kernel in the change-iteration form (see `_DELTA_DOC`):
+    one launch gives c = x0 T - x0, then d <- d T + c ping-pongs two fp32 buffers."""
     triton, step = _triton_kernels(interpreting())
     B, C, H, W = x.shape
     K = len(_offsets(radius))
     if off_t is None:
         off_t = _offset_table(radius, x.device)
     block_c = min(next_pow2(C), 16)
-    cur = x.float().contiguous()
-    if steps == 0 or cur.numel() == 0:
-        return cur.clone()
-    bufs = [_dispatch.empty(cur.shape, torch.float32, cur.device) for _ in range(2)]
+    x0 = x.float().contiguous()
+    if steps == 0 or x0.numel() == 0:
+        return x0.clone()
+    neg_x0 = -x0
+    c = _dispatch.empty(x0.shape, torch.float32, x0.device)
+    bufs = [_dispatch.empty(x0.shape, torch.float32, x0.device) for _ in range(2)]
 
     def grid(meta):
         return (triton.cdiv(H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
 
-    for s in range(steps):
+    step[grid](x0, c, neg_x0, wf, inv_d, off_t, C, H, W, K, BLOCK_C=block_c)
+    cur = c
+    for s in range(steps - 1):
         dst = bufs[s % 2]
-        step[grid](cur, dst, wf, inv_d, off_t, C, H, W, K, BLOCK_C=block_c)
+        step[grid](cur, dst, c, wf, inv_d, off_t, C, H, W, K, BLOCK_C=block_c)
         cur = dst
-    return cur
+    return x0 + cur
 
 
 _GRAPHS: OrderedDict = OrderedDict()  # (shape, radius, steps, device) -> captured walk; a few kept
