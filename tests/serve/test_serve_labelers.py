@@ -216,6 +216,8 @@ def test_irn_refinement_wiring(cam_ckpt, tmp_path):
     small = small / (small.amax(dim=(1, 2), keepdim=True) + 1e-5)
     _, labels = irn_refine(small, edge, size=(37, 50))
     assert np.array_equal(r.mask, np.array([0, 4, 10], np.uint8)[labels.numpy()])
+    (empty,) = lab.label_batch([image], [np.zeros(20, np.float32)])  # no class: all background
+    assert not empty.mask.any() and empty.keys.size == 0
 
 
 def _tiny_vit_clip(path):
@@ -268,3 +270,15 @@ def test_clip_zero_shot_and_clip_es(tmp_path):
         expect = np.concatenate([[0], np.asarray(keys) + 1])[stacked.argmax(0).numpy()]
         assert np.array_equal(r.mask, expect.astype(np.uint8))
         np.testing.assert_allclose(r.cams, high.numpy(), rtol=0, atol=1e-6)
+
+
+def test_tensor_images_as_decoded_on_a_gpu_give_the_same_masks(cam_ckpt):
+    """CHW uint8 tensors (what nvJPEG decoding yields) mixed with HWC arrays label exactly like arrays."""
+    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", predict="none"))
+    rng = np.random.default_rng(6)
+    a, b = _images(rng, [(21, 34), (21, 34)])
+    y = np.zeros(20, np.float32)
+    y[[5, 7]] = 1
+    ref = lab.label_batch([a, b], [y, y])
+    got = lab.label_batch([a, torch.from_numpy(b).permute(2, 0, 1).contiguous()], [y, y])
+    assert all(np.array_equal(r.mask, g.mask) for r, g in zip(ref, got))

@@ -190,9 +190,6 @@ def open_source(spec, split: str | None = None, labels=None, classes: Sequence[s
         kw = {"masks": False} if layout in ("voc", "coco") else {}
         ds = open_dataset(spec, split=split, **kw)
         own = layout in ("voc", "coco", "synth") or getattr(ds, "labels_file", None) is not None
-        if classes is not None and own and tuple(ds.classes) != tuple(classes):
-            raise WsclipError(f"the dataset's classes ({', '.join(ds.classes)}) differ from the model's "
-                              f"({', '.join(classes)}): use the model trained for this dataset")
         src = ImageSource(ids=list(ds.ids), dataset=ds, dataset_labels=own, classes=tuple(ds.classes))
     else:
         if split is not None:
@@ -214,6 +211,14 @@ def open_source(spec, split: str | None = None, labels=None, classes: Sequence[s
         src = ImageSource(ids=_ids_for(paths, base), paths=paths)
     if limit is not None:
         src = _head(src, int(limit))
+    return attach_labels(src, labels, classes) if (labels is not None or classes is not None) else src
+
+
+def attach_labels(src: ImageSource, labels=None, classes: Sequence[str] | None = None) -> ImageSource:
+    """Check a source against the model's classes and read a labels file (which overrides dataset labels)."""
+    if classes is not None and src.dataset_labels and src.classes and tuple(src.classes) != tuple(classes):
+        raise WsclipError(f"the dataset's classes ({', '.join(src.classes)}) differ from the model's "
+                          f"({', '.join(classes)}): use the model trained for this dataset")
     if labels is not None:
         if classes is None:
             raise WsclipError("a labels file needs the model's class list")
@@ -314,7 +319,7 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
     from wsclip.serve.labelers import mask_annotations, refine_result
 
     out = Path(opts.out)
-    image = host_image(image) if (opts.crf or opts.overlays) else None
+    image = host_image(image) if (opts.crf or opts.overlays) and image is not None else None
     if opts.crf:
         result = refine_result(image, result)
     mask = result.mask
@@ -393,8 +398,14 @@ def _identity(x):
 
 
 def gpu_decode(items: list[tuple], device: torch.device) -> list[tuple]:  # pragma: no cover - needs CUDA
-    """Decode the JPEG bytes among `items` on the GPU (torchvision nvJPEG) in one call; others pass through."""
+    """Decode the JPEG bytes among `items` on the GPU (torchvision nvJPEG) in one call; others pass through.
+
+    If the batched call fails (a corrupt file, or no nvJPEG in this torchvision), each image is decoded
+    on its own, on the GPU or else with PIL; an image neither can decode becomes an error item.
+    """
     from torchvision.io import ImageReadMode, decode_jpeg
+
+    from wsclip.io import decode_image_bytes
 
     idx = [n for n, it in enumerate(items) if isinstance(it[2], (bytes, bytearray))]
     if not idx:
@@ -403,17 +414,19 @@ def gpu_decode(items: list[tuple], device: torch.device) -> list[tuple]:  # prag
     datas = [torch.frombuffer(bytearray(items[n][2]), dtype=torch.uint8) for n in idx]
     try:
         decoded = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:  # a corrupt file in the batch: decode one by one to isolate it
+    except RuntimeError:
         decoded = []
-        for d in datas:
+        for n, d in zip(idx, datas):
             try:
                 decoded.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as exc:
-                decoded.append(exc)
+            except RuntimeError:
+                try:
+                    decoded.append(decode_image_bytes(bytes(items[n][2])))
+                except WsclipError as exc:
+                    decoded.append(exc)
     for n, im in zip(idx, decoded):
         i, image_id, _, lab, _ = items[n]
-        items[n] = (i, image_id, None, None, f"cannot decode JPEG: {im}") if isinstance(im, Exception) \
-            else (i, image_id, im, lab, None)
+        items[n] = (i, image_id, None, None, str(im)) if isinstance(im, Exception) else (i, image_id, im, lab, None)
     return items
 
 
@@ -527,8 +540,9 @@ def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split:
         raise WsclipError(f"--on-error must be one of {', '.join(ON_ERROR)}, got '{run.on_error}'")
     if run.decode not in DECODERS:
         raise WsclipError(f"--decode must be one of {', '.join(DECODERS)}, got '{run.decode}'")
+    source = inputs if isinstance(inputs, ImageSource) else open_source(inputs, split, limit=limit)  # cheap checks first
     labeler = labeler or load_labeler(labeler_cfg)
-    source = inputs if isinstance(inputs, ImageSource) else open_source(inputs, split, labels, labeler.classes, limit)
+    source = attach_labels(source, labels, labeler.classes)
     if labeler.needs_labels and not source.has_labels and labeler.predictor is None:
         raise WsclipError(f"the {labeler.method} method needs image-level labels and {inputs} has none: pass "
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
@@ -600,6 +614,7 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
             for image_id, image, result in labelled:
                 if image_id in done:
                     continue
+                image = host_image(image) if opts.crf or opts.overlays else None  # only these need the pixels
                 if pool is None:
                     try:
                         pending.append((image_id, finish_image(image_id, image, result, opts)))

@@ -121,8 +121,9 @@ def _check_images(images: Sequence) -> None:
 
 def _stack(images: Sequence, device) -> torch.Tensor:
     """uint8 (B, 3, H, W) on `device` from same-size HWC arrays or CHW tensors (e.g. decoded on the GPU)."""
-    if isinstance(images[0], torch.Tensor):
-        return torch.stack([im.to(device) for im in images]).contiguous()
+    if any(isinstance(im, torch.Tensor) for im in images):  # mixed: GPU-decoded tensors and host arrays
+        return torch.stack([(im if isinstance(im, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(im))
+                             .permute(2, 0, 1)).to(device) for im in images]).contiguous()
     x = torch.from_numpy(np.ascontiguousarray(np.stack(images))).permute(0, 3, 1, 2)
     return x.to(device, non_blocking=True).contiguous()
 
@@ -266,22 +267,30 @@ class _OwnScores:
 
 def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool, want_crf: bool,
                  scores, mask: torch.Tensor | None = None) -> list[LabelResult]:
-    """Per-image results from max-normalised CAMs (B, K, H, W) of all classes and labels y (B, K)."""
-    if mask is None:
-        sel = cams * y[:, :, None, None].to(cams.dtype)
-        mask = torch.cat([torch.full_like(sel[:, :1], bg), sel], dim=1).argmax(dim=1)
-    mask_np = mask.to(torch.uint8).cpu().numpy()
+    """Per-image results from max-normalised CAMs (B, K, H, W) of all classes and labels y (B, K).
+
+    The mask is argmax over [bg, CAMs of the labelled classes] (ties to the earlier channel, so to
+    the background), computed on the labelled channels only.
+    """
     out = []
     for i in range(cams.shape[0]):
-        keys = torch.nonzero(y[i] > 0.5).flatten()
-        r = LabelResult(mask=mask_np[i], keys=keys.cpu().numpy().astype(np.int64),
+        keys = torch.nonzero(y[i] > 0.5).flatten().to(cams.device)
+        sel = cams[i, keys]
+        if mask is not None:
+            m = mask[i]
+        elif len(keys):
+            val, idx = sel.max(dim=0)
+            m = torch.where(val > bg, (keys + 1)[idx], torch.zeros_like(idx))
+        else:
+            m = torch.zeros(cams.shape[-2:], dtype=torch.long, device=cams.device)
+        r = LabelResult(mask=m.to(torch.uint8).cpu().numpy(), keys=keys.cpu().numpy().astype(np.int64),
                         scores=scores[i], predicted=scores[i] is not None)
         if want_cams or want_crf:
-            sel = cams[i, keys.to(cams.device)].float().cpu().numpy()
+            sel_np = sel.float().cpu().numpy()
             if want_cams:
-                r.cams = sel
+                r.cams = sel_np
             if want_crf:
-                r.crf_scores = np.concatenate([np.full((1, *sel.shape[1:]), bg, np.float32), sel])
+                r.crf_scores = np.concatenate([np.full((1, *sel_np.shape[1:]), bg, np.float32), sel_np])
                 r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
         out.append(r)
     return out
@@ -371,6 +380,9 @@ class CamNetLabeler(Labeler):
             masks = []
             for i in range(x.shape[0]):
                 keys = torch.nonzero(y[i] > 0.5).flatten()
+                if not len(keys):  # nothing to propagate: all background
+                    masks.append(torch.zeros((h, w), dtype=torch.long, device=x.device))
+                    continue
                 small = F.interpolate(cams[i:i + 1, keys], size=grid, mode="bilinear", align_corners=False)
                 small = small / (small.amax(dim=(2, 3), keepdim=True) + 1e-5)
                 _, lab = irn_refine(small[0], edge[i], size=(h, w))
@@ -519,7 +531,6 @@ def detect_method(model) -> str:
         from wsclip.export.onnx import read_sidecar
 
         kind = read_sidecar(path).get("model")
-        names = {"camnet": "cam", "seg": "seg"}
     else:
         from wsclip.io import sidecar_path
 
@@ -528,7 +539,7 @@ def detect_method(model) -> str:
             kind = json.loads(side.read_text()).get("kind") if side.is_file() else None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BadFileError(f"{side} is not valid JSON: {exc}") from None
-        names = {"camnet": "cam", "seg": "seg"}
+    names = {"camnet": "cam", "seg": "seg"}
     if kind not in names:
         raise CheckpointError(f"{path} is a '{kind}' model; `wsclip label` takes a CAM network or a segmentation "
                               "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")

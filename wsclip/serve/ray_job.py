@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,8 +21,8 @@ import numpy as np
 
 from wsclip.errors import WsclipError, require
 from wsclip.serve.batch import (MANIFEST, LabelRunConfig, Manifest, OutputOptions, _prepare_out, _settings,
-                                _write_reports, error_record, finish_image, label_window, load_item, open_source,
-                                windows)
+                                _write_reports, attach_labels, error_record, finish_image, label_window, load_item,
+                                open_source, windows)
 from wsclip.serve.labelers import LabelerConfig
 
 
@@ -43,12 +44,36 @@ class WindowLabeler:
             labelled, errs = label_window(self.labeler, items, self.opts.cams)
             records += [r for r in errs if r["id"] not in skip]
             futs = [(i, self.pool.submit(finish_image, i, im, r, self.opts)) for i, im, r in labelled if i not in skip]
+            del items, labelled
             for image_id, fut in futs:
                 try:
                     records.append(fut.result())
                 except Exception as exc:  # noqa: BLE001 - one image's encoding failure fails that image only
                     records.append(error_record(image_id, f"{type(exc).__name__}: {exc}"))
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+
+
+def _drive(ray, rows, cfg, source, opts, concurrency, gpus_per_actor, cpus_per_actor, actor_threads, manifest,
+           counts, bar, on_error) -> str | None:
+    """Run the windows through the actor pool; append records as they come; returns the first error."""
+    first_error = None
+    if not rows:
+        return None
+    ds = ray.data.from_items(rows, override_num_blocks=len(rows))
+    ds = ds.map_batches(WindowLabeler, batch_size=1, batch_format="numpy", concurrency=concurrency,
+                        num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
+                        fn_constructor_kwargs={"cfg": cfg, "source": source, "opts": opts, "threads": actor_threads})
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        recs = [json.loads(r) for r in batch["record"]]
+        manifest.append(recs)
+        for r in recs:
+            counts["labelled" if r["status"] == "ok" else "errors"] += 1
+            if r["status"] == "error" and first_error is None:
+                first_error = f"{r['id']}: {r['error']}"
+        bar.update(len(recs))
+        if first_error and on_error == "fail":
+            break
+    return first_error
 
 
 def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split: str | None = None,
@@ -65,9 +90,12 @@ def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, sp
         raise WsclipError(f"--on-error must be skip or fail, got '{run.on_error}'")
     if concurrency < 1:
         raise WsclipError(f"--concurrency must be at least 1, got {concurrency}")
+    if str(labeler_cfg.device).startswith("cuda") and not gpus_per_actor:
+        raise WsclipError("--device cuda with --ray needs --gpus-per-actor (e.g. 1): Ray gives actors no GPU otherwise")
+    source = open_source(inputs, split, limit=limit)
     # the driver loads the labeler on the CPU once: it checks the files and gives the classes
     probe = load_labeler(labeler_cfg.replace(device="cpu"))
-    source = open_source(inputs, split, labels, probe.classes, limit)
+    source = attach_labels(source, labels, probe.classes)
     if probe.needs_labels and not source.has_labels and probe.predictor is None:
         raise WsclipError(f"the {probe.method} method needs image-level labels and {inputs} has none: pass "
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
@@ -86,34 +114,22 @@ def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, sp
         todo = sum(len(range(r["start"], r["stop"])) - len(json.loads(r["skip"])) for r in rows)
         opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=probe.classes,
                              crf=probe.refine == "crf")
-        if not ray.is_initialized():
+        if rows and not ray.is_initialized():
             ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
             started = True
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = enabled()
+        if rows:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                ray.data.DataContext.get_current().enable_progress_bars = enabled()
         counts = {"labelled": 0, "errors": 0}
         t0 = time.perf_counter()
         bar = progress(total=todo, desc="label (ray)", unit="img")
-        first_error = None
         try:
-            if rows:
-                ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-                ds = ds.map_batches(
-                    WindowLabeler, batch_size=1, batch_format="numpy", concurrency=concurrency,
-                    num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
-                    fn_constructor_kwargs={"cfg": labeler_cfg, "source": source, "opts": opts,
-                                           "threads": actor_threads})
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    recs = [json.loads(r) for r in batch["record"]]
-                    manifest.append(recs)
-                    for r in recs:
-                        counts["labelled" if r["status"] == "ok" else "errors"] += 1
-                        if r["status"] == "error" and first_error is None:
-                            first_error = f"{r['id']}: {r['error']}"
-                    bar.update(len(recs))
-                    if first_error and run.on_error == "fail":
-                        break
+            with warnings.catch_warnings():  # Ray Data's own deprecation notices are nothing a user can act on
+                warnings.simplefilter("ignore", DeprecationWarning)
+                first_error = _drive(ray, rows, labeler_cfg, source, opts, concurrency, gpus_per_actor,
+                                     cpus_per_actor, actor_threads, manifest, counts, bar, run.on_error)
         finally:
             bar.close()
         if first_error and run.on_error == "fail":

@@ -65,6 +65,7 @@ class ServeConfig:
     warmup_hw: tuple[int, int] = (64, 64)
     graceful_timeout_s: int = 30
     max_connections: int | None = None   # default: 2 * max_queue + 32
+    exit_on_load_failure: bool = True    # a server whose model cannot load exits (else: stays up, not ready)
 
 
 class ApiError(Exception):
@@ -411,7 +412,7 @@ def create_app(labeler, cfg: ServeConfig | None = None):
     """The ASGI app serving `labeler` (a Labeler, or a LabelerConfig loaded in the background at startup)."""
     require("fastapi", "serve", "wsclip serve")
     require("prometheus_client", "serve", "wsclip serve")
-    require("multipart", "serve", "wsclip serve (python-multipart)")
+    require("python_multipart", "serve", "wsclip serve (python-multipart)")
     from contextlib import asynccontextmanager
 
     from anyio import to_thread
@@ -607,7 +608,8 @@ def _uvicorn_server(app, cfg: ServeConfig, log_level: str = "warning"):
         server.fatal = msg
 
     server.fatal = None
-    svc.on_fatal = fatal
+    if cfg.exit_on_load_failure:
+        svc.on_fatal = fatal
     return server
 
 
@@ -662,7 +664,14 @@ def serve(labeler_cfg, cfg: ServeConfig, log_level: str = "info") -> int:
     server = _uvicorn_server(app, cfg, log_level="warning" if log_level != "debug" else "debug")
     print(f"wsclip serve: listening on http://{cfg.host}:{port} (ready at /health/ready once the model is loaded)",
           flush=True)
-    server.run(sockets=[sock])
+    import signal
+
+    # uvicorn drains, then re-raises the SIGTERM it caught; this handler absorbs it so a drained server exits 0
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if server.fatal:
         raise WsclipError(f"the model could not be loaded: {server.fatal}")
     return 0
