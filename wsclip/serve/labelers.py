@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
+from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
 
 METHODS = ("auto", "cam", "seg", "clip-es")
 REFINEMENTS = ("none", "crf", "irn")
@@ -449,8 +450,8 @@ class SegNetLabeler(Labeler):
 class ClipEsLabeler(Labeler):
     """Training-free CLIP-ES (`wsclip.label.clip_es.ClipEs`: GradCAM on a CLIP ViT + CAA).
 
-    Pseudo mask (METHODS.md section 5): background score (1 - max_c F_c)^alpha (alpha =
-    options["alpha"], default 1) stacked before the class maps, argmax. Images run one same-size
+    Pseudo mask as `wsclip pseudo` makes it (wsclip.label.pseudo): background score
+    (1 - max_c F_c)^alpha (alpha = options["alpha"], default 1) before the class maps, argmax. Images run one same-size
     group at a time (GradCAM needs gradients, so no inference mode).
     """
 
@@ -467,7 +468,7 @@ class ClipEsLabeler(Labeler):
             raise WsclipError("--refine irn applies to CAM networks; CLIP-ES refines with CAA (built in) and --refine crf")
         device = _resolve_device(cfg.device)
         opts = dict(cfg.options)
-        self.alpha = float(opts.pop("alpha", 1.0))
+        self.pseudo = PseudoConfig(alpha=float(opts.pop("alpha", 1.0)))
         classes = resolve_classes(cfg.classes or "voc")
         clip = load_clip(cfg.clip, device=device)
         try:
@@ -483,17 +484,15 @@ class ClipEsLabeler(Labeler):
         items = self.impl.label([host_image(im) for im in images], [k.tolist() for k in keys])
         out = []
         for i, item in enumerate(items):
-            high = item["high_res"].float()  # (K', H, W)
-            hw = image_hw(images[i])
-            fg_max = high.amax(0) if len(high) else torch.zeros(hw, device=high.device)
-            stacked = torch.cat([((1.0 - fg_max).clamp_min(0) ** self.alpha)[None], high])
-            values = np.concatenate([[0], keys[i] + 1]).astype(np.uint8)
-            mask = values[stacked.argmax(0).cpu().numpy()]
+            high = item["high_res"].float().cpu().numpy()  # (K', H, W)
+            stacked = stack_scores(high, self.pseudo)
+            mask = scores_to_mask(stacked, keys[i])
             r = LabelResult(mask=mask, keys=keys[i], scores=scores[i], predicted=scores[i] is not None)
             if want_cams:
-                r.cams = high.cpu().numpy()
+                r.cams = high
             if self.refine == "crf":
-                r.crf_scores, r.crf_values = stacked.cpu().numpy(), values
+                r.crf_scores = stacked
+                r.crf_values = np.concatenate([[0], keys[i] + 1]).astype(np.uint8)
             out.append(r)
         return out
 
