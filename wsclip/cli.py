@@ -796,9 +796,9 @@ def _add_bench(sub):
                                      "measured in the same run (JSON under benchmarks/results/); `bench report` "
                                      "renders BENCHMARKS.md")
     p.add_argument("--suites", help="comma-separated suites (default: all; --list names them)")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under two minutes on a CPU)")
-    size.add_argument("--tiny", action="store_true", help="toy sizes: checks that the harness runs (tests use it)")
+    p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under two minutes on a CPU)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (overrides --quick): checks that the harness "
+                                                       "runs; tests use it")
     p.add_argument("--out", type=Path, help="folder for the run's JSON file (default benchmarks/results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -824,8 +824,12 @@ def _run_bench(args):
         return 0
     suites = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else None
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    command = ["wsclip", "bench"] + [f"--{mode}"] * (mode != "full")  # what ran, rebuilt from the parsed flags
+    for flag in ("suites", "device", "threads", "out", "label"):
+        if getattr(args, flag) is not None:
+            command += [f"--{flag}", str(getattr(args, flag))]
     path, run = run_benchmarks(suites, mode=mode, device=args.device, out_dir=args.out, threads=args.threads,
-                               label=args.label, argv=["wsclip", *sys.argv[1:]])
+                               label=args.label, argv=command)
     print(format_run(run))
     print(f"wrote {path}")
     return 1 if any(s["status"] == "error" for s in run["suites"].values()) else 0
@@ -842,8 +846,54 @@ def _run_bench_report(args):
         results = results or root / "benchmarks" / "results"
         markdown = markdown or root / "BENCHMARKS.md"
     done = write_report(results, markdown, plots=not args.no_plots, include_tiny=args.include_tiny)
+    for bad in done["invalid"]:
+        print(f"ignored (does not follow the schema): {bad}", file=sys.stderr)
     print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) into {done['markdown']}; "
           f"{len(done['plots'])} plots")
+
+
+# ============================================================================ demo
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the pipeline end to end on a synthetic world: tiny CLIP, baseline CAM, CLIMS "
+                                    "loss ablation, CLIP-ES, refinement; prints the mIoU table (minutes on a CPU)")
+    p.add_argument("--out", type=Path, help="output folder (re-running resumes; default demo_out, "
+                                           "runs/synth_ablation with --full)")
+    p.add_argument("--cache", type=Path, help="tiny CLIP cache folder (default $WSCLIP_CACHE or ~/.cache/wsclip)")
+    p.add_argument("--full", action="store_true", help="the full ablation (larger world, longer training, IRN random walk)")
+    p.add_argument("--fresh", action="store_true", help="delete the results of an earlier run in --out first")
+    p.add_argument("--seed", type=int, help="world and training seed (default 0)")
+    p.add_argument("--train", type=int, dest="n_train", help="train scenes")
+    p.add_argument("--val", type=int, dest="n_val", help="val scenes")
+    p.add_argument("--clip-steps", type=int, help="tiny CLIP training steps")
+    p.add_argument("--cam-steps", type=int, help="baseline CAM training steps")
+    p.add_argument("--clims-steps", type=int, help="CLIMS training steps per loss variant")
+    p.add_argument("--variants", nargs="+", help="CLIMS loss variants (default: OTM OTM+BTM OTM+BTM+REG OTM+BTM+REG+CBS)")
+    p.add_argument("--no-clip-es", action="store_true", help="skip CLIP-ES")
+    p.add_argument("--no-crf", action="store_true", help="pseudo masks without the dense CRF")
+    p.add_argument("--irn", action=argparse.BooleanOptionalAction, default=None,
+                   help="train an IRN boundary network and add random-walk pseudo masks (on with --full)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args):
+    from wsclip.demo import DemoConfig, print_summary, run_demo
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    given = {k: getattr(args, k) for k in ("seed", "n_train", "n_val", "clip_steps", "cam_steps", "clims_steps", "irn")
+             if getattr(args, k) is not None}
+    if args.variants:
+        given["variants"] = tuple(args.variants)
+    given.update(clip_es=not args.no_clip_es, crf=not args.no_crf)
+    if args.out is not None:
+        given["out"] = str(args.out)
+    if args.cache is not None:
+        given["cache_dir"] = str(args.cache)
+    cfg = DemoConfig.full(**given) if args.full else DemoConfig.demo(**given)
+    print_summary(run_demo(cfg, fresh=args.fresh), cfg.out)
 
 
 # ============================================================================ parser
@@ -880,6 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_refine_caa,
         _add_prompts_select,
         _add_bench,
+        _add_demo,
     ):
         add(sub)
     return parser

@@ -103,4 +103,4 @@ class PublicClimsStep:
         optimizer.zero_grad(set_to_none=True)
         for p in self.clip.parameters():  # the public code never uses them; drop them so memory stays flat
             p.grad = None
-        return {k: float(v) for k, v in terms.items()}
+        return {k: float(v.detach()) for k, v in terms.items()}

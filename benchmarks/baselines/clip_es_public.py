@@ -74,7 +74,7 @@ class PublicClipEs:
         self.device = clip.device
 
     def _pixels(self, image) -> torch.Tensor:
-        x = torch.as_tensor(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         hw = _rounded(x.shape[-2:], self.patch)
         x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
         mean = torch.tensor(self.clip.mean, device=x.device).view(1, 3, 1, 1)

@@ -113,8 +113,10 @@ def test_public_clip_es_matches_wsclip_labeler():
     from wsclip.vocab import VOC_CLASSES
 
     clip = _clip(3)
-    labeler = ClipEs(clip, VOC_CLASSES, ClipEsConfig(caa_layers=2, backend="torch"))
-    public = PublicClipEs(clip, labeler.fg_text, labeler.bg_text, labeler.attn_layers, labeler.box_threshold)
+    # a mild logit scale: a random CLIP at 100 saturates the softmax and every GradCAM vanishes
+    labeler = ClipEs(clip, VOC_CLASSES, ClipEsConfig(caa_layers=2, backend="torch", logit_scale=3.0))
+    public = PublicClipEs(clip, labeler.fg_text, labeler.bg_text, labeler.attn_layers, labeler.box_threshold,
+                          logit_scale=3.0)
     rng = np.random.default_rng(0)
     # two images of the same rounded size (43x61 -> 48x64), different class counts
     images = [rng.integers(0, 256, (43, 61, 3), dtype=np.uint8) for _ in range(2)]
@@ -127,7 +129,7 @@ def test_public_clip_es_matches_wsclip_labeler():
         assert p["high_res"].shape == w["high_res"].shape == (len(k), 43, 61)
         assert torch.equal(p["keys"], w["keys"].cpu())
         raw = w["high_res_raw"]
-        assert _rel(p["raw"].max(), 1.0) < 1e-5
+        assert (p["raw"].flatten(1).amax(1) > 0.99).all()  # min-max normalised maps, not degenerate
         up = torch.nn.functional.interpolate(p["raw"][None], size=(43, 61), mode="bilinear", align_corners=False)[0]
         assert _rel(up, raw) < 1e-4  # GradCAM, one backward per class vs one batched backward
         assert _rel(p["cam"], w["cam"]) < 1e-4  # CAA, recomputed per class on the CPU vs (V S) S

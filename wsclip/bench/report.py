@@ -21,15 +21,23 @@ END = "<!-- bench:end -->"
 _GPU_COLUMN = "GPU (H100/H200)"
 
 
-def load_runs(results_dir: Path, include_tiny: bool = False) -> list[dict]:
-    """Valid run records (schema wsclip-bench/1) in a folder, oldest first; other JSON files are ignored."""
+def load_runs(results_dir: Path, include_tiny: bool = False, invalid: list | None = None) -> list[dict]:
+    """Valid run records (schema wsclip-bench/1) in a folder, oldest first; other JSON files are ignored.
+
+    Files that claim the schema but break it are skipped and, when `invalid` is a list, named there.
+    """
     runs = []
     for path in sorted(Path(results_dir).glob("*.json")):
         try:
             run = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if not isinstance(run, dict) or run.get("schema") != SCHEMA_ID or validate_run(run):
+        if not isinstance(run, dict) or run.get("schema") != SCHEMA_ID:
+            continue
+        problems = validate_run(run)
+        if problems:
+            if invalid is not None:
+                invalid.append(f"{path.name}: {problems[0]}")
             continue
         if run["mode"] == "tiny" and not include_tiny:
             continue
@@ -138,6 +146,13 @@ def _plot_speedups(machine: str, picked: dict[str, dict], out_dir: Path, title: 
     ax.barh(range(len(bars)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
     ax.set_yticks(range(len(bars)), labels, fontsize=6)
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    lo, hi = min(values + [1.0]) / 1.5, max(values + [1.0]) * 1.5
+    ax.set_xlim(lo, hi)
+    ax.set_xticks([t * 10.0**e for e in range(-3, 5) for t in (1, 2, 5) if lo <= t * 10.0**e <= hi])
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axvline(1.0, color="black", lw=0.8)
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.2g}x", va="center", fontsize=7)
@@ -145,7 +160,7 @@ def _plot_speedups(machine: str, picked: dict[str, dict], out_dir: Path, title: 
     ax.set_title(f"wsclip vs baselines, {title}")
     fig.tight_layout()
     path = out_dir / f"speedups_{slug(machine)}.png"
-    fig.savefig(path, dpi=90, metadata={"Software": None})
+    fig.savefig(path, dpi=90, metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -194,6 +209,12 @@ def render_section(runs: list[dict], plots: dict[str, list[Path]] | None = None,
         lines += ["", f"**{_GPU_COLUMN}: not measured.** No GPU was available to this work; every GPU cell below "
                       "says so rather than estimating a figure."]
     notes = sorted({n for run in seen.values() for n in run.get("notes", [])})
+    for run in seen.values():
+        env = run["environment"]
+        load, cores = env.get("load_average"), env.get("cpu_cores")
+        if load and cores and load[0] > cores:
+            notes.append(f"{run['label']} was shared while it ran (load average {load[0]:.1f} on {cores} cores): "
+                         "absolute figures are noisy; the ratios, measured in the same run, are the meaningful part.")
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     lines.append("")
@@ -321,7 +342,8 @@ def write_report(results_dir: Path, markdown: Path, plots: bool = True, include_
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
         raise MissingFileError(f"results folder not found: {results_dir} (run `wsclip bench` first)")
-    runs = load_runs(results_dir, include_tiny=include_tiny)
+    invalid: list[str] = []
+    runs = load_runs(results_dir, include_tiny=include_tiny, invalid=invalid)
     chosen = pick_suites(runs)
     made: dict[str, list[Path]] = {}
     if plots:
@@ -337,4 +359,4 @@ def write_report(results_dir: Path, markdown: Path, plots: bool = True, include_
     section = render_section(runs, made, Path(markdown).parent)
     update_markdown(Path(markdown), section)
     return {"runs": len(runs), "machines": list(chosen), "plots": [str(p) for ps in made.values() for p in ps],
-            "markdown": str(markdown)}
+            "markdown": str(markdown), "invalid": invalid}

@@ -32,7 +32,7 @@ ORDER = ("clip-encode", "clims-step", "clip-es-label", "label-e2e", "random-walk
 # per mode: matmul side and copy size for the ceilings, seconds one measurement may spend repeating
 _CEILING_SIZES = {("cuda", "full"): (8192, 1024), ("cuda", "quick"): (8192, 512), ("cuda", "tiny"): (1024, 64),
                   ("cpu", "full"): (1024, 128), ("cpu", "quick"): (768, 64), ("cpu", "tiny"): (256, 8)}
-_BUDGET_S = {"full": 60.0, "quick": 8.0, "tiny": 2.0}
+_BUDGET_S = {"full": 60.0, "quick": 4.0, "tiny": 2.0}
 
 
 def repo_root() -> Path:
@@ -85,23 +85,33 @@ def default_label(device: torch.device) -> str:
 
 def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: str | None = None,
                    out_dir: Path | None = None, threads: int | None = None, label: str | None = None,
-                   argv: list[str] | None = None, root: Path | None = None, quiet: bool = False) -> tuple[Path, dict]:
+                   argv: list[str] | None = None, root: Path | None = None, quiet: bool = False,
+                   modules: dict | None = None) -> tuple[Path, dict]:
     """Run the named suites (default: all) and write `<out_dir>/bench_<device>_<mode>_<time>.json`.
 
     mode: full | quick (fewer sizes and repetitions) | tiny (toy sizes: checks that everything runs).
-    On the CPU every suite runs at reduced sizes, stated in its `setup`. Returns (path, run record).
+    On the CPU every suite runs at reduced sizes, stated in its `setup`. `modules` {name: suite module}
+    replaces the suites found on disk. Returns (path, run record).
     """
     if mode not in MODES:
         raise WsclipError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     root = Path(root) if root is not None else repo_root()
-    available = load_suites(root)
+    available = dict(modules) if modules is not None else load_suites(root)
     names = list(available) if not suites else list(suites)
     unknown = [n for n in names if n not in available]
     if unknown:
         raise WsclipError(f"unknown suite(s) {', '.join(unknown)}: choose from {', '.join(available)}")
     dev = resolve_device(device)
+    threads_before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    try:
+        return _run(names, available, mode, dev, out_dir, label, argv, root, quiet)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(names, available, mode, dev, out_dir, label, argv, root, quiet) -> tuple[Path, dict]:
     out_dir = Path(out_dir) if out_dir is not None else root / "benchmarks" / "results"
     from wsclip.bench.env import capture_environment
 
@@ -109,11 +119,16 @@ def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: 
     created = datetime.now(timezone.utc)
     meter = Meter(dev)
     mm, copy_mb = _CEILING_SIZES[(dev.type, mode)]
-    dtypes = ("fp32", "bf16", "fp16") if dev.type == "cuda" else ("fp32", "bf16")
+    # CPUs: fp32 only (without bf16 units a bf16 matmul is emulated and says nothing about bf16 layers)
+    dtypes = ("fp32", "bf16", "fp16") if dev.type == "cuda" else ("fp32",)
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     say(f"wsclip bench: {mode} mode on {dev} ({torch.get_num_threads()} threads), suites: {', '.join(names)}")
     ceilings = measure_ceilings(meter, mm, copy_mb, reps=3 if mode != "full" else 5, dtypes=dtypes)
     env = capture_environment(dev, argv, root)
+    load = env.get("load_average")
+    if dev.type == "cpu" and load and load[0] > env["cpu_cores"] and torch.get_num_threads() > 1:
+        say(f"note: this machine is shared (load average {load[0]:.1f} on {env['cpu_cores']} cores): several "
+            "torch threads then wait on each other; --threads 1 gives steadier and faster figures")
     record: dict = {
         "schema": SCHEMA_ID,
         "run_id": f"{created:%Y%m%dT%H%M%SZ}-{dev.type}-{mode}",
@@ -131,7 +146,7 @@ def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: 
         for name in names:
             mod = available[name]
             say(f"[{name}]")
-            res = SuiteResult(name, getattr(mod, "DESCRIPTION", "") if isinstance(mod, ModuleType) else "")
+            res = SuiteResult(name, "" if isinstance(mod, Exception) else getattr(mod, "DESCRIPTION", ""))
             ctx = SuiteContext(device=dev, meter=meter, mode=mode, ceilings=ceilings, tmp=Path(tmp) / name,
                                root=root, budget_s=_BUDGET_S[mode], quiet=quiet)
             ctx.tmp.mkdir(parents=True, exist_ok=True)

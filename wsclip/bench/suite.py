@@ -60,7 +60,7 @@ class SuiteContext:
 
     @property
     def reps(self) -> int:
-        return self.pick(gpu=20, gpu_quick=10, cpu=5, cpu_quick=3, tiny=2)
+        return self.pick(gpu=20, gpu_quick=10, cpu=5, cpu_quick=3, tiny=1)
 
     @property
     def warmup(self) -> int:

@@ -25,10 +25,15 @@ class Timing:
     warmup: int = 0
     method: str = "wall-clock"
     stopped_early: bool = False  # the time budget ended the repetitions before `reps`
+    peak_mem_MB: float | None = None  # with track_memory: peak above the memory held before the timed calls
+    cpu_s: float | None = None  # CPU runs: median process CPU seconds per call (all threads; not child processes)
 
     def to_dict(self) -> dict:
-        return {"median_s": self.median_s, "times_s": self.times_s, "reps": len(self.times_s), "warmup": self.warmup,
-                "method": self.method, "stopped_early": self.stopped_early}
+        out = {"median_s": self.median_s, "times_s": self.times_s, "reps": len(self.times_s), "warmup": self.warmup,
+               "method": self.method, "stopped_early": self.stopped_early}
+        if self.cpu_s is not None:
+            out["cpu_s"] = self.cpu_s
+        return out
 
 
 class Rotation:
@@ -57,6 +62,7 @@ class Meter:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.history: list[Timing] = []  # every measurement, in order
+        self.last_cpu: float | None = None  # process CPU seconds per call of the last CPU measurement
         self._libc = None
         if not self.cuda and Path("/proc/self/clear_refs").exists():
             try:
@@ -69,12 +75,18 @@ class Meter:
             torch.cuda.synchronize(self.device)
 
     def measure(self, fn: Callable[[], object], reps: int = 5, warmup: int = 1,
-                budget_s: float | None = None) -> Timing:
-        """Run fn `warmup` times, then up to `reps` timed times; the median and the samples."""
+                budget_s: float | None = None, track_memory: bool = False) -> Timing:
+        """Run fn `warmup` times, then up to `reps` timed times (at least two once `budget_s` is spent, unless
+        reps is 1); the median and the samples.
+
+        track_memory: also record the peak memory of the timed calls (saves a separate `peak` call).
+        """
         for _ in range(max(0, warmup)):
             fn()
         self.sync()
+        base = self._reset_peak() if track_memory else None
         times: list[float] = []
+        cpu: list[float] = []
         start = time.perf_counter()
         stopped = False
         for i in range(max(1, reps)):
@@ -86,14 +98,18 @@ class Meter:
                 b.synchronize()
                 times.append(a.elapsed_time(b) / 1e3)
             else:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 times.append(time.perf_counter() - t)
-            if budget_s is not None and time.perf_counter() - start > budget_s and i + 1 < reps:
+                cpu.append(time.process_time() - c)
+            # the budget may cut repetitions short, but a median needs at least two samples
+            if budget_s is not None and time.perf_counter() - start > budget_s and i + 1 < reps and i >= 1:
                 stopped = True
                 break
         timing = Timing(statistics.median(times), times, max(0, warmup), "cuda-events" if self.cuda else "wall-clock",
-                        stopped)
+                        stopped, self._read_peak(base) if base is not None else None,
+                        statistics.median(cpu) if cpu else None)
+        self.last_cpu = timing.cpu_s
         self.history.append(timing)
         return timing
 
@@ -107,13 +123,18 @@ class Meter:
         GPU: the caching allocator's peak. CPU (Linux): the process's peak resident set (VmHWM) after
         resetting it, so it counts every allocator, NumPy and ONNX Runtime included.
         """
+        base = self._reset_peak()
+        if base is None:
+            return None
+        fn()
+        return self._read_peak(base)
+
+    def _reset_peak(self) -> int | None:
+        """Reset the peak counter; returns the memory held now (None where the peak cannot be read)."""
         if self.cuda:
             self.sync()
             torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            fn()
-            self.sync()
-            return (torch.cuda.max_memory_allocated(self.device) - base) / MB
+            return torch.cuda.memory_allocated(self.device)
         if self._libc is None:
             return None
         try:
@@ -121,8 +142,12 @@ class Meter:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             return None
-        base = _proc_status("VmRSS:")
-        fn()
+        return _proc_status("VmRSS:")
+
+    def _read_peak(self, base: int) -> float:
+        if self.cuda:
+            self.sync()
+            return (torch.cuda.max_memory_allocated(self.device) - base) / MB
         return max(0, _proc_status("VmHWM:") - base) / MB
 
 
