@@ -12,7 +12,7 @@ Stages (each resumable: re-running skips finished work under --work):
      cached in .cache/), background (1 - max)^1, CRF, CGL, as the CLIP-ES paper;
    - "degraded-gt" (FALLBACK, not a WSSS result): ground truth with each object randomly
      eroded or dilated, a few blobs relabelled, and a 255 ring on object borders;
-3. tiny DeepLab-v2 trained on them (`wsclip train seg --preset synth`);
+3. the tiny DeepLab of `wsclip train seg --preset synth` trained on them;
 4. `wsclip segment` on val (and train) and `wsclip eval`.
 Writes benchmarks/results/synth_seg[_<pseudo>].json.
 
@@ -88,7 +88,7 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
     stamp = work / "pseudo_settings.json"
     settings = {"cams": str(cams), "key": cam_key, "bg": bg, "bg_threshold": best, "crf": crf,
                 "confidence": confidence}
-    if stamp.is_file() and json.loads(stamp.read_text()) != settings:
+    if full.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
         import shutil
 
         for d in (full, cgl, work / "seg", work / "pred_val", work / "pred_train"):  # and what was built on them
@@ -183,8 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cam-key", default="high_res", help="which maps of the CAM files")
     ap.add_argument("--no-crf", action="store_true", help="cam pseudo masks without the CRF")
     ap.add_argument("--confidence", type=float, default=0.95, help="CGL: posterior below this -> 255")
-    ap.add_argument("--seg-steps", type=int, default=800)
-    ap.add_argument("--seg-batch", type=int, default=16)
+    ap.add_argument("--seg-steps", type=int, help="segmentation training steps (default: the synth preset's)")
+    ap.add_argument("--seg-batch", type=int, help="segmentation batch (default: the synth preset's)")
     ap.add_argument("--scales", default="0.75,1.0,1.25", help="test scales of `wsclip segment` (with flip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--quick", action="store_true", help="a tiny run to check the script works")
@@ -192,6 +192,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.train, args.val, args.cam_steps, args.seg_steps = 64, 16, 20, 20
+        args.clip_steps = args.clip_steps or 10
         args.work = args.work.with_name(args.work.name + "_quick")
 
     import torch
@@ -227,10 +228,11 @@ def main(argv=None) -> int:
         f"at mIoU {100 * kept_miou:.1f}")
 
     seg_out = work / "seg"
+    over = {k: v for k, v in (("max_steps", args.seg_steps), ("batch_size", args.seg_batch)) if v is not None}
     cfg = from_preset(SegConfig, "synth", data=f"voc:{world}", pseudo=str(work / "pseudo"), out=str(seg_out),
-                      max_steps=args.seg_steps, batch_size=args.seg_batch, device="cpu", seed=args.seed)
+                      device="cpu", seed=args.seed, **over)
     t0 = time.time()
-    log(f"training tiny DeepLab-v2 on the pseudo masks ({args.seg_steps} steps, batch {args.seg_batch})")
+    log(f"training tiny {cfg.arch} on the pseudo masks ({cfg.max_steps} steps, batch {cfg.batch_size})")
     ckpt = train_seg(cfg, resume=True)
     seg_s = time.time() - t0
     scales = parse_scales(args.scales)
@@ -238,7 +240,7 @@ def main(argv=None) -> int:
     for split, split_file in (("val", split_val), ("train", split_train)):
         t0 = time.time()
         segment(ckpt, f"voc:{world}", work / f"pred_{split}", split=split, scales=scales, flip=True,
-                device="cpu", num_workers=1)
+                device="cpu", num_workers=0)
         res[split] = (miou_of(work / f"pred_{split}", gt_dir, split_file), time.time() - t0)
         log(f"network mIoU on {split}: {100 * res[split][0]:.1f}")
     pseudo_val_note = "pseudo masks exist for train only (as in the papers: pseudo mIoU on train, network on val)"

@@ -177,7 +177,7 @@ def crash_at(step):
 
 def config(world, out, **kw):
     opts = dict(data=str(world / "world"), pseudo=str(world / "pseudo"), out=str(out), max_steps=4, batch_size=4,
-                crop=40, ckpt_every=2, log_every=1, num_workers=0, device="cpu", rates=(1, 2))
+                crop=40, ckpt_every=2, log_every=1, num_workers=0, device="cpu", rates=(1, 2), arch="deeplabv2")
     opts.update(kw)
     return from_preset(SegConfig, "synth", **opts)
 

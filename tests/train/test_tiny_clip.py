@@ -87,7 +87,7 @@ def test_multi_positive_infonce_reduces_to_clip_loss_for_one_to_one_pairs():
 def test_views_and_batch():
     scenes = [generate_scene(0, "pretrain", i, 32) for i in range(5)]
     x, texts, contents = make_views(scenes, np.random.default_rng(0))
-    assert x.shape == (20, 3, 32, 32) and len(texts) == len(contents) == 20
+    assert x.shape == (25, 3, 32, 32) and len(texts) == len(contents) == 25
     # background views carry no pixels of the removed class: the text never names it
     for t, c in zip(texts, contents):
         assert describes(content_of_text(t), c), (t, c)

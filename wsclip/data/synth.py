@@ -175,19 +175,20 @@ _BACKGROUNDS = (_bg_water, _bg_rails, _bg_sky, _bg_grass, _bg_road)
 
 # ----------------------------------------------------------------------------- objects
 # Each draws one object in local coordinates (u, v): u along the object (about [-1, 1]),
-# v downwards. Returns (mask, colour (H, W, 3)).
-def _obj_boat(rng, u, v, col):
+# v downwards; `px` is the object's half-length in pixels, so textures keep a fixed pixel
+# period. Shapes and textures identify a class; the colour is random. Returns (mask, colour).
+def _obj_boat(rng, u, v, col, px):
     hull = (v >= 0.05) & (v <= 0.45) & (np.abs(u) <= 0.95 - 0.8 * (v - 0.05))
     mast = _rect(u, v, -0.1, 0.0, -0.9, 0.05)
     sail = _convex(u, v, [(0.02, -0.85), (0.02, 0.0), (0.75, 0.0)])
     img = np.broadcast_to(col, u.shape + (3,)).copy()
-    img[(v >= 0.13) & (v <= 0.2)] = _mix(col, 1.0, 0.6)
+    img[hull & (((v * px) // 2) % 2 == 0)] = col * 0.5  # striped hull
     img[sail] = _mix(col, 1.0, 0.75) * (1 - 0.08 * (np.sin(u[sail] * 40) > 0))[:, None]
     img[mast] = col * 0.3
     return hull | mast | sail, img
 
 
-def _obj_train(rng, u, v, col):
+def _obj_train(rng, u, v, col, px):
     body = _rect(u, v, -1.0, 1.0, -0.5, 0.3)
     wheels = np.zeros(u.shape, bool)
     for cu in (-0.75, -0.45, 0.45, 0.75):
@@ -201,7 +202,7 @@ def _obj_train(rng, u, v, col):
     return body | wheels, img
 
 
-def _obj_bird(rng, u, v, col):
+def _obj_bird(rng, u, v, col, px):
     body = _ellipse(u, v, 0.0, 0.1, 0.55, 0.3)
     head = _ellipse(u, v, 0.55, -0.12, 0.2, 0.2)
     beak = _convex(u, v, [(0.7, -0.18), (0.7, -0.04), (0.95, -0.1)])
@@ -209,14 +210,14 @@ def _obj_bird(rng, u, v, col):
     tail = _convex(u, v, [(-0.45, 0.05), (-0.95, -0.15), (-0.95, 0.3)])
     mask = body | head | beak | wing | tail
     img = np.broadcast_to(col, u.shape + (3,)).copy()
-    feathers = (((u + v) * 7) % 1.0) < 0.35
-    img[(wing | tail) & feathers] = col * 0.55
+    feathers = (((u + v) * px / 3.0) % 1.0) < 0.45  # diagonal feather stripes all over
+    img[feathers] = col * 0.5
     img[beak] = [0.95, 0.6, 0.1]
     img[_ellipse(u, v, 0.6, -0.16, 0.06, 0.06)] = 0.05
     return mask, img
 
 
-def _obj_car(rng, u, v, col):
+def _obj_car(rng, u, v, col, px):
     body = _rect(u, v, -0.95, 0.95, -0.05, 0.3)
     cabin = _convex(u, v, [(-0.55, -0.05), (-0.35, -0.45), (0.3, -0.45), (0.55, -0.05)])
     glass = _convex(u, v, [(-0.45, -0.08), (-0.3, -0.38), (0.25, -0.38), (0.45, -0.08)]) & (np.abs(u + 0.02) > 0.04)
@@ -231,7 +232,7 @@ def _obj_car(rng, u, v, col):
     return body | cabin | wheels, img
 
 
-def _obj_cow(rng, u, v, col):
+def _obj_cow(rng, u, v, col, px):
     body = _ellipse(u, v, -0.1, 0.0, 0.7, 0.33, power=4.0)
     legs = np.zeros(u.shape, bool)
     for cu in (-0.62, -0.42, 0.2, 0.4):
@@ -256,7 +257,7 @@ def _obj_cow(rng, u, v, col):
     return mask, img
 
 
-def _obj_plane(rng, u, v, col):
+def _obj_plane(rng, u, v, col, px):
     fuselage = _ellipse(u, v, 0.0, 0.0, 0.95, 0.13)
     wings = _convex(u, v, [(0.25, -0.05), (-0.15, -0.8), (-0.35, -0.8), (-0.15, -0.05)])
     wings |= _convex(u, v, [(0.25, 0.05), (-0.15, 0.8), (-0.35, 0.8), (-0.15, 0.05)])
@@ -276,7 +277,7 @@ _ROTATES = (False, False, True, False, False, True)  # birds and planes fly at a
 
 def _draw_object(rng, cls: int, yy, xx, size: int):
     k = size / 64.0
-    s = rng.uniform(9.0, 16.0) * k  # half-length in pixels: objects are about 18..32 px long at 64 px
+    s = rng.uniform(12.0, 20.0) * k  # half-length in pixels: objects are about 24..40 px long at 64 px
     cx = rng.uniform(0.7 * s, size - 0.7 * s)
     cy = rng.uniform(0.6 * s, size - 0.6 * s)
     angle = rng.uniform(-0.35, 0.35) if _ROTATES[cls] else 0.0
@@ -287,7 +288,7 @@ def _draw_object(rng, cls: int, yy, xx, size: int):
     u = flip * (dx * ca + dy * sa) / s
     v = (-dx * sa + dy * ca) / (s * aspect)
     col = _hsv(rng.uniform(0, 1), rng.uniform(0.35, 0.95), rng.uniform(0.45, 0.95))
-    mask, img = _OBJECTS[cls](rng, u, v, col)
+    mask, img = _OBJECTS[cls](rng, u, v, col, s)
     # dark outline, so objects stay visible on any background
     inner = mask.copy()
     inner[1:] &= mask[:-1]

@@ -52,8 +52,6 @@ class SegConfig(TrainConfig):
         lo, hi = self.scale_range
         if not 0 < lo <= hi:
             raise WsclipError(f"scale_range must be two factors 0 < min <= max, got {self.scale_range}")
-        if self.max_steps is None and self.epochs < 1:
-            raise WsclipError("give max_steps or epochs")
         return self
 
 
@@ -63,10 +61,11 @@ _SEG_VOC = dict(split="train_aug", arch="deeplabv2", backbone="resnet101", lr=2.
 PRESETS[SegConfig] = {
     "voc-official": _SEG_VOC,
     "voc-resnet50": dict(_SEG_VOC, backbone="resnet50"),
-    # the tiny synthetic world on a 2-core CPU: a starting point, not a paper's setting
-    "synth": dict(split="train", arch="deeplabv2", backbone="tiny", rates=(1, 2, 3, 4), lr=0.01, head_lr_mult=10.0,
-                  bias_lr_mult=20.0, weight_decay=5e-4, batch_size=16, max_steps=600, crop=64, scale_range=(0.75, 1.5),
-                  num_workers=2, ckpt_every=100, log_every=10, freeze_bn=False),
+    # the tiny synthetic world on a 2-core CPU (about 7 minutes), tuned on it, not a paper's setting: on 64 px
+    # images v2's stride-8 logits are an 8x8 grid, v3+'s decoder (stride 4) does clearly better
+    "synth": dict(split="train", arch="deeplabv3plus", backbone="tiny", rates=(1, 2, 3), lr=0.005, head_lr_mult=10.0,
+                  bias_lr_mult=20.0, weight_decay=5e-4, batch_size=8, max_steps=2400, crop=64, scale_range=(0.75, 1.5),
+                  num_workers=2, ckpt_every=200, log_every=10, freeze_bn=False),
 }
 
 
@@ -117,7 +116,7 @@ def open_images(spec, split: str | None = None, masks: bool = False):
     spec = str(spec)
     scheme = spec.partition(":")[0].lower() if ":" in spec else None
     layout = scheme if scheme in ("voc", "coco", "folder", "synth") else detect_layout(spec)
-    kw = {"masks": True if masks else False} if layout in ("voc", "coco") else {}
+    kw = {"masks": bool(masks)} if layout in ("voc", "coco") else {}
     return open_dataset(spec, split=split, **kw)
 
 

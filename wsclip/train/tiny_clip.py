@@ -38,6 +38,7 @@ from wsclip.data.synth import (
     generate_scene,
 )
 from wsclip.errors import WsclipError
+from wsclip.models.clip import CLIP_MEAN, CLIP_STD, save_clip
 
 TINY_CLIP_NAME = "tiny-synth"
 TRAIN_VERSION = 1  # bump when the training recipe changes (invalidates ensure_tiny_clip's cache)
@@ -49,9 +50,8 @@ TINY_CLIP_CFG: dict = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
+MASKED_VIEWS = 2  # per scene: objects masked onto the mean colour in the full frame
+CROP_VIEWS = 1  # per scene: object bounding-box crops
 OBJECT_TEMPLATES = ("a photo of a {}.", "a photo of {}.", "a clean origami {}.", "a picture of a {}.")
 BACKGROUND_TEMPLATES = ("a photo of {}.", "a clean origami {}.", "a picture of {}.")
 
@@ -63,8 +63,10 @@ class TinyClipConfig:
     steps: int = 600
     batch_size: int = 32  # scenes per step; each gives 4 views
     lr: float = 1e-3
+    text_lr_scale: float = 0.1  # the text tower learns slower, so class prompts stay apart
+    text_warmup: int = 20  # text-only contrastive steps before joint training (see text_warmup)
     weight_decay: float = 0.1
-    warmup: int = 30
+    warmup: int = 20
     seed: int = 0
     size: int = 64
     checkpoint_every: int = 100  # steps between resumable training states (0: never)
@@ -146,7 +148,9 @@ def _crop_resize(x: torch.Tensor, box, out: int) -> torch.Tensor:
 
 
 def make_views(scenes, rng: np.random.Generator):
-    """Views of a list of SynthScene: (pixels (4B, 3, S, S) normalised, texts, contents).
+    """Views of a list of SynthScene: (pixels (N, 3, S, S) normalised, texts, contents).
+
+    Per scene: the full image, MASKED_VIEWS + CROP_VIEWS object views and one background view.
 
     contents[i] = (frozenset of class indices, background index or None) of view i.
     """
@@ -174,12 +178,13 @@ def make_views(scenes, rng: np.random.Generator):
             texts.append(caption_for(names))
         else:
             texts.append(rng.choice(OBJECT_TEMPLATES).format(SYNTH_CLASSES[int(rng.choice(present))]))
-        # object views: one masked onto the mean colour in the full frame (what CLIMS feeds
-        # CLIP), one bounding-box crop (plain or masked)
+        # object views: masked onto the mean colour in the full frame (what CLIMS feeds CLIP)
+        # and bounding-box crops (plain or masked)
         if sc.object_classes:
             n = len(sc.object_classes)
-            picks = rng.choice(n, size=2, replace=n < 2)
-            for kind, j in zip(("masked", "crop"), picks.tolist()):
+            kinds = ["masked"] * MASKED_VIEWS + ["crop"] * CROP_VIEWS
+            picks = rng.choice(n, size=len(kinds), replace=n < len(kinds))
+            for kind, j in zip(kinds, picks.tolist()):
                 c = sc.object_classes[j]
                 m = (inst_b == j + 1).float()[None, None]
                 m = _dilate(m, int(rng.choice(4, p=(0.4, 0.3, 0.2, 0.1))))
@@ -273,15 +278,43 @@ def content_of_text(text: str):
 
 # ----------------------------------------------------------------------------- training
 def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or "embedding" in name or "logit_scale" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups: (vision, text) x (decay, no decay); gains, biases, embeddings and the scale undecayed."""
+    groups = []
+    for tower in ("vision", "text"):
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if not p.requires_grad or (name.startswith("visual.") != (tower == "vision")):
+                continue
+            if p.ndim < 2 or "embedding" in name or "logit_scale" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups += [{"params": decay, "weight_decay": weight_decay, "tower": tower},
+                   {"params": no_decay, "weight_decay": 0.0, "tower": tower}]
+    return groups
+
+
+def text_warmup(model, steps: int, seed: int, lr: float = 1e-3) -> None:
+    """Text-only contrastive warm-up: the templates of one concept are positives, other concepts negatives.
+
+    A freshly initialised text tower maps "a photo of a boat." and "a photo of a car." to
+    nearly the same point (cosine ~0.97); joint training from there collapses the class
+    prompts together before the image tower can tell the objects apart. A few steps of
+    this give every class and background word its own direction first.
+    """
+    concepts = [(c, OBJECT_TEMPLATES) for c in SYNTH_CLASSES] + [(b, BACKGROUND_TEMPLATES) for b in SYNTH_BACKGROUNDS]
+    params = [p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 11])
+    target = torch.arange(len(concepts))
+    for _ in range(steps):
+        a = encode_texts(model, [rng.choice(t).format(c) for c, t in concepts])
+        b = encode_texts(model, [rng.choice(t).format(c) for c, t in concepts])
+        logits = 10.0 * a @ b.t()
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def _lr_at(cfg: TinyClipConfig, step: int) -> float:
@@ -294,8 +327,9 @@ def _lr_at(cfg: TinyClipConfig, step: int) -> float:
 def train_step(model, opt, cfg: TinyClipConfig, step: int) -> float:
     """One optimisation step; returns the loss."""
     x, texts, pos = build_batch(cfg, step)
+    lr = _lr_at(cfg, step)
     for g in opt.param_groups:
-        g["lr"] = _lr_at(cfg, step)
+        g["lr"] = lr * (cfg.text_lr_scale if g.get("tower") == "text" else 1.0)
     cls_emb, avg_emb = encode_images(model, x)
     txt = encode_texts(model, texts)
     scale = model.logit_scale.exp()
@@ -311,17 +345,6 @@ def train_step(model, opt, cfg: TinyClipConfig, step: int) -> float:
 
 def _state_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.pt")
-
-
-def _save_clip(path: Path, model, model_cfg: dict, name: str) -> None:
-    try:
-        from wsclip.models.clip import save_clip
-    except ImportError:  # models/clip.py not there yet: write the same format directly
-        from wsclip.io import save_checkpoint
-
-        save_checkpoint(path, model.state_dict(), {"kind": "clip", "name": name, "model_cfg": model_cfg})
-        return
-    save_clip(path, model, model_cfg, name=name)
 
 
 def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True, eval_n: int = 200,
@@ -353,6 +376,8 @@ def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True,
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             start, losses = int(state["step"]), list(state["losses"])
+    if start == 0 and cfg.text_warmup:
+        text_warmup(model, cfg.text_warmup, cfg.seed)
     t0 = time.perf_counter()
     bar = progress(total=cfg.steps, initial=start, desc="tiny-clip", unit="step")
     end = cfg.steps if stop_after is None else min(cfg.steps, start + int(stop_after))
@@ -370,7 +395,7 @@ def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True,
         return {"steps": cfg.steps, "stopped_at": end, "state": str(state_file)}
     train_s = time.perf_counter() - t0
     model.eval()
-    _save_clip(out, model, cfg.model_cfg, TINY_CLIP_NAME)
+    save_clip(out, model, cfg.model_cfg, name=TINY_CLIP_NAME)
     summary = {"steps": cfg.steps, "train_seconds_this_run": round(train_s, 1),
                "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-10:])) if losses else None}
     if eval_n:
@@ -392,6 +417,7 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch
     - top1_in_labels: the best of "a photo of a {class}." over all K classes is a present class
       (CLS embedding); top1_in_labels_patchmean: the same with the CLIP-ES patch-mean embedding;
     - object_top1: each object masked onto the mean colour is given its own class;
+      object_crop_top1: the same for its masked bounding-box crop, resized to the input size;
     - background_top1: images with every object removed are given their background word;
     - object_vs_background: a masked object's class prompt beats every background word (CBS).
     """
@@ -400,7 +426,7 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch
     cls_txt = encode_texts(model, [f"a photo of a {c}." for c in SYNTH_CLASSES])
     bg_txt = encode_texts(model, [f"a photo of {b}." for b in SYNTH_BACKGROUNDS])
     hits = hits_avg = 0
-    obj_hits = obj_total = obj_vs_bg = bg_hits = 0
+    obj_hits = obj_total = obj_vs_bg = bg_hits = crop_hits = 0
     for s0 in range(0, n, batch):
         part = scenes[s0:s0 + batch]
         x = _normalise(np.stack([s.image for s in part]))
@@ -418,11 +444,21 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch
             for j, c in enumerate(s.object_classes):
                 obj_x.append(x[b] * (inst[b] == j + 1).float())
                 obj_y.append(c)
+        obj_crops = []
+        for b, s in enumerate(part):
+            for j in range(len(s.object_classes)):
+                ys, xs = torch.nonzero(inst[b] == j + 1, as_tuple=True)
+                y0, y1, x0, x1 = ys.min().item() - 2, ys.max().item() + 3, xs.min().item() - 2, xs.max().item() + 3
+                side, cy, cx = max(y1 - y0, x1 - x0), (y0 + y1) / 2, (x0 + x1) / 2
+                box = (cy - side / 2, cx - side / 2, cy + side / 2, cx + side / 2)
+                obj_crops.append(_crop_resize(x[b] * (inst[b] == j + 1).float(), box, size))
+        e_crop, _ = encode_images(model, torch.stack(obj_crops))
         e_obj, _ = encode_images(model, torch.stack(obj_x))
         sim_c = e_obj @ cls_txt.t()
         sim_b = e_obj @ bg_txt.t()
         y = torch.tensor(obj_y)
         obj_hits += int((sim_c.argmax(1) == y).sum())
+        crop_hits += int(((e_crop @ cls_txt.t()).argmax(1) == y).sum())
         obj_vs_bg += int((sim_c[torch.arange(len(y)), y] > sim_b.max(1).values).sum())
         obj_total += len(y)
         bg_x = x * (1 - _dilate((inst > 0).float()[:, None], 1))
@@ -434,6 +470,7 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch
         "top1_in_labels": hits / n,
         "top1_in_labels_patchmean": hits_avg / n,
         "object_top1": obj_hits / max(1, obj_total),
+        "object_crop_top1": crop_hits / max(1, obj_total),
         "object_vs_background": obj_vs_bg / max(1, obj_total),
         "background_top1": bg_hits / n,
     }

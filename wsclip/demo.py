@@ -1,0 +1,493 @@
+"""`wsclip demo` and the synthetic ablation: the whole pipeline on the synthetic world.
+
+Stages (each resumable: a re-run skips finished outputs under `out`):
+
+1. the world (`wsclip.data.synth.write_voc_layout`, lossless PNG) in <out>/world;
+2. the tiny CLIP (`wsclip.train.tiny_clip.ensure_tiny_clip`, cached in the cache folder);
+3. the baseline CAM network (`train_cam`), and an untrained network as the floor;
+4. CLIMS from the baseline with the loss variants OTM; OTM+BTM; OTM+BTM+REG; OTM+BTM+REG+CBS
+   (the synth preset's weights, switched-off terms weighted 0);
+5. multi-scale CAMs of the val split for every network (`make_cams`), CLIP-ES with the tiny
+   CLIP (GradCAM and CAA maps, `make_clip_es_cams`);
+6. refinement: dense CRF pseudo masks (`make_pseudo_masks`), optionally the IRN random walk
+   (boundary network trained on CAM seeds of the train split);
+7. the table (CAM mIoU with the best background threshold, pseudo-mask mIoU, and the
+   fraction of co-occurring-background pixels wrongly activated), a bar chart and overlays.
+
+Co-occurring-background false activation ("co-bg FA"): for each val image and each class c
+present whose preferred background (SYNTH_PREFERRED) is the image's background, the share of
+ground-truth background pixels at least `fa_margin` px away from every object where c's CAM
+exceeds `fa_threshold`; pooled over all such (image, class) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from wsclip.errors import WsclipError
+
+#: CLIMS loss variants: name -> which of (OTM, BTM, CBS, REG) are on
+VARIANTS: dict[str, tuple[bool, bool, bool, bool]] = {
+    "OTM": (True, False, False, False),
+    "OTM+BTM": (True, True, False, False),
+    "OTM+BTM+REG": (True, True, False, True),
+    "OTM+BTM+REG+CBS": (True, True, True, True),
+}
+SWEEP = tuple(round(0.05 * i, 2) for i in range(1, 20))  # CAM background thresholds 0.05 .. 0.95
+MARKER = "demo.json"
+
+
+def default_cache_dir() -> Path:
+    """$WSCLIP_CACHE, else $XDG_CACHE_HOME/wsclip, else ~/.cache/wsclip."""
+    if os.environ.get("WSCLIP_CACHE"):
+        return Path(os.environ["WSCLIP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsclip"
+
+
+@dataclass
+class DemoConfig:
+    """Settings of a demo / ablation run; `demo()` is the reduced run, `full()` the benchmark."""
+
+    out: str = "demo_out"
+    cache_dir: str | None = None  # tiny CLIP cache (default: default_cache_dir())
+    seed: int = 0  # world and tiny CLIP
+    train_seed: int | None = None  # CAM / CLIMS / IRN training (default: seed)
+    size: int = 64
+    n_train: int = 1000
+    n_val: int = 100
+    clip_steps: int = 150
+    clip_batch: int = 32
+    cam_steps: int = 150
+    clims_steps: int = 150
+    batch_size: int = 16
+    cam_lr: float = 0.05
+    clims_lr: float = 0.03
+    weights: tuple[float, float, float, float] = (10.0, 24.0, 1.0, 0.2)  # alpha OTM, beta BTM, gamma CBS, delta REG
+    tau: float = 0.26
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    clip_es: bool = True
+    crf: bool = True
+    irn: bool = False
+    irn_steps: int = 150
+    fa_threshold: float = 0.15
+    fa_margin: int = 3
+    overlays: int = 6
+    workers: int = 1
+
+    @classmethod
+    def demo(cls, **kw) -> "DemoConfig":
+        return cls(**kw)
+
+    @classmethod
+    def full(cls, **kw) -> "DemoConfig":
+        base = dict(out="runs/synth_ablation", n_train=2000, n_val=200, clip_steps=600, clip_batch=48,
+                    cam_steps=500, clims_steps=500, irn=True, irn_steps=300, overlays=8)
+        return cls(**{**base, **kw})
+
+    @property
+    def tseed(self) -> int:
+        return self.seed if self.train_seed is None else int(self.train_seed)
+
+    def key(self) -> dict:
+        """Settings that change results (a finished folder made with others is not reused)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "cache_dir", "overlays", "workers"):
+            d.pop(k)
+        return json.loads(json.dumps(d))
+
+
+# ============================================================================ small helpers
+def _stage(n: int, total: int, text: str) -> None:
+    print(f"[{n}/{total}] {text}", file=sys.stderr, flush=True)
+
+
+def _check_out(cfg: DemoConfig, fresh: bool) -> Path:
+    """The output folder; refuses to mix results of other settings unless `fresh` (which clears it)."""
+    from wsclip.io import atomic_write_json
+
+    out = Path(cfg.out)
+    marker = out / MARKER
+    if out.exists() and any(out.iterdir()):
+        if not marker.is_file():
+            if fresh:
+                raise WsclipError(f"{out} is not a wsclip demo folder: refusing to delete it; choose another --out")
+            raise WsclipError(f"{out} exists and is not a wsclip demo folder: choose another --out")
+        old = json.loads(marker.read_text()).get("settings")
+        if fresh:
+            shutil.rmtree(out)
+        elif old != cfg.key():
+            changed = sorted(k for k in cfg.key() if (old or {}).get(k) != cfg.key()[k])
+            raise WsclipError(f"{out} holds a run with other settings ({', '.join(changed)}): pass --fresh to "
+                              "start over, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"settings": cfg.key()})
+    return out
+
+
+def _fit(train_fn, cfg, **kw) -> Path:
+    """Run a train_* function unless its final checkpoint exists; resume a killed run."""
+    from wsclip.train.baseline_cam import FINAL_NAME
+
+    out = Path(cfg.out)
+    final = out / FINAL_NAME
+    if final.is_file():
+        return final
+    return train_fn(cfg, resume=(out / "checkpoints").is_dir(), **kw)
+
+
+def _bg_of_val(cfg: DemoConfig, ids: Sequence[str]) -> dict[str, int]:
+    """Background index of every val scene (the generator knows it)."""
+    from wsclip.data.synth import generate_scene
+
+    return {i: generate_scene(cfg.seed, "val", int(i.rsplit("_", 1)[1]), cfg.size).background for i in ids}
+
+
+# ============================================================================ stages
+def build_world(cfg: DemoConfig, out: Path) -> Path:
+    """The synthetic world as a VOC-layout folder (lossless PNG images); resumes."""
+    from wsclip.data.synth import write_voc_layout
+
+    return write_voc_layout(out / "world", cfg.n_train, cfg.n_val, seed=cfg.seed, size=cfg.size, image_format="png")
+
+
+def tiny_clip_path(cfg: DemoConfig) -> Path:
+    """A trained tiny CLIP for these settings, from the cache or trained now."""
+    from wsclip.train.tiny_clip import TinyClipConfig, ensure_tiny_clip
+
+    tc = TinyClipConfig(steps=cfg.clip_steps, batch_size=cfg.clip_batch, warmup=max(1, min(30, cfg.clip_steps // 15)),
+                        seed=cfg.seed, size=cfg.size)
+    return ensure_tiny_clip(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), seed=cfg.seed, cfg=tc)
+
+
+def loss_weights(cfg: DemoConfig, variant: str) -> dict[str, float]:
+    """alpha/beta/gamma/delta of a CLIMS variant: the configured weights with the terms it omits at 0."""
+    if variant not in VARIANTS:
+        raise WsclipError(f"unknown CLIMS variant '{variant}': use one of {', '.join(VARIANTS)}")
+    on = VARIANTS[variant]
+    a, b, g, d = cfg.weights
+    return {"alpha": a if on[0] else 0.0, "beta": b if on[1] else 0.0, "gamma": g if on[2] else 0.0,
+            "delta": d if on[3] else 0.0}
+
+
+def train_baseline(cfg: DemoConfig, world: Path, runs: Path) -> Path:
+    from wsclip.config import CamConfig, from_preset
+    from wsclip.train.baseline_cam import train_cam
+
+    c = from_preset(CamConfig, "synth", data=f"voc:{world}", split="train", out=str(runs / "cam"),
+                    max_steps=cfg.cam_steps, batch_size=cfg.batch_size, lr=cfg.cam_lr, seed=cfg.tseed,
+                    device="cpu", num_workers=cfg.workers, ckpt_every=max(50, cfg.cam_steps // 3))
+    return _fit(train_cam, c)
+
+
+def train_variant(cfg: DemoConfig, variant: str, world: Path, runs: Path, init: Path, clip_file: Path, clip) -> Path:
+    """CLIMS from the baseline checkpoint with one loss variant; returns the final checkpoint."""
+    from wsclip.config import ClimsConfig, from_preset
+    from wsclip.train.clims import train_clims
+
+    c = from_preset(ClimsConfig, "synth", data=f"voc:{world}", split="train", out=str(runs / slug(f"CLIMS {variant}")),
+                    max_steps=cfg.clims_steps, batch_size=cfg.batch_size, lr=cfg.clims_lr, seed=cfg.tseed,
+                    init=str(init), clip=str(clip_file), tau=cfg.tau, text="synth", device="cpu",
+                    num_workers=cfg.workers, ckpt_every=max(50, cfg.clims_steps // 3), **loss_weights(cfg, variant))
+    return _fit(train_clims, c, clip=clip)
+
+
+def slug(name: str) -> str:
+    """File-name form of a method name: 'CLIMS OTM+BTM' -> 'clims-otm-btm'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ============================================================================ metrics
+def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res", thresholds=SWEEP,
+                fa_threshold: float = 0.15, fa_margin: int = 3) -> dict:
+    """CAM mIoU for each background threshold (best one picked) and the co-occurring-background FA.
+
+    val: a dataset with masks (val split); backgrounds: id -> background index of the scene.
+    """
+    from scipy import ndimage
+
+    from wsclip.data.synth import SYNTH_PREFERRED
+    from wsclip.eval.metrics import ConfusionMatrix
+    from wsclip.label.clims_cam import read_cam_file
+
+    k = len(val.classes)
+    cms = {t: ConfusionMatrix(k + 1) for t in thresholds}
+    hits = {t: 0 for t in (*thresholds, fa_threshold)}
+    pixels = 0
+    cam_dir = Path(cam_dir)
+    for n, image_id in enumerate(val.ids):
+        z = read_cam_file(cam_dir / f"{image_id}.npz")
+        cams = np.asarray(z[key], dtype=np.float32)
+        keys = np.asarray(z["keys"], dtype=np.int64)
+        gt = val.load_mask(n)
+        if len(keys):
+            best, label = cams.max(0), (keys + 1)[cams.argmax(0)]
+        else:
+            best, label = np.full(gt.shape, -np.inf, np.float32), np.zeros(gt.shape, np.int64)
+        for t, cm in cms.items():
+            cm.update(np.where(best > t, label, 0), gt)
+        far = ~ndimage.binary_dilation(gt != 0, iterations=fa_margin) if fa_margin > 0 else gt == 0
+        far &= gt == 0
+        for j, c in enumerate(keys):
+            if SYNTH_PREFERRED.get(int(c)) != backgrounds[image_id] or not far.any():
+                continue
+            vals = cams[j][far]
+            pixels += vals.size
+            for t in hits:
+                hits[t] += int((vals > t).sum())
+    miou = {t: cm.miou() for t, cm in cms.items()}
+    best_t = max(miou, key=miou.get)
+    fa = {t: (hits[t] / pixels if pixels else float("nan")) for t in hits}
+    return {"miou_by_threshold": miou, "threshold": best_t, "cam_miou": miou[best_t],
+            "cam_iou": cms[best_t].to_dict(["background", *val.classes])["iou"],
+            "co_bg_fa": fa[fa_threshold], "co_bg_fa_at_best": fa[best_t], "co_bg_pixels": pixels}
+
+
+def mask_miou(pred_dir, world: Path) -> float:
+    from wsclip.eval.evaluate import evaluate_folders
+
+    cm, _ = evaluate_folders(pred_dir, world / "SegmentationClass", 7,
+                             split=world / "ImageSets" / "Segmentation" / "val.txt")
+    return cm.miou()
+
+
+def pseudo_masks(cam_dir, out_dir, val, key: str = "high_res", bg: str = "threshold", threshold: float = 0.15,
+                 crf: bool = True, irn=None) -> Path:
+    """Val pseudo masks from CAM files (threshold or (1 - max) background, optional CRF / IRN random walk)."""
+    from wsclip.label.pseudo import PseudoConfig, make_pseudo_masks
+
+    pc = PseudoConfig(key=key, bg=bg, bg_threshold=threshold, crf=crf, workers=0)
+    make_pseudo_masks(cam_dir, out_dir, data=val, split="val", cfg=pc, irn=irn, device="cpu")
+    return Path(out_dir)
+
+
+# ============================================================================ pictures
+def _up(img: np.ndarray, f: int) -> np.ndarray:
+    return np.repeat(np.repeat(img, f, axis=0), f, axis=1)
+
+
+def save_overlays(path: Path, val, rows: dict[str, dict], picks: Sequence[int], zoom: int = 3) -> Path:
+    """One PNG: per picked val image, the image, its ground truth and each method's CAM and pseudo mask."""
+    from wsclip.eval.viz import cam_heatmap, grid, overlay, save_png
+    from wsclip.io import read_mask
+    from wsclip.label.clims_cam import read_cam_file
+
+    panels, titles = [], []
+    for i in picks:
+        image_id = val.ids[i]
+        img, gt = val.load_image(i), val.load_mask(i)
+        panels += [_up(img, zoom), _up(overlay(img, gt, alpha=0.75), zoom)]
+        titles += [image_id, "ground truth"]
+        for name, row in rows.items():
+            z = read_cam_file(Path(row["cams"]) / f"{image_id}.npz")
+            cams = np.asarray(z[row.get("key", "high_res")], dtype=np.float32)
+            heat = cams.max(0) if len(cams) else np.zeros(img.shape[:2], np.float32)
+            panels.append(_up(cam_heatmap(img, heat), zoom))
+            titles.append(f"{name}: CAM")
+            if row.get("masks"):
+                panels.append(_up(overlay(img, read_mask(Path(row["masks"]) / f"{image_id}.png"), alpha=0.75), zoom))
+                titles.append(f"{name}: mask")
+    ncols = len(panels) // max(1, len(picks))
+    return save_png(path, grid(panels, ncols=ncols, titles=titles))
+
+
+def pick_examples(val, backgrounds: dict[str, int], n: int) -> list[int]:
+    """Val images whose first class sits on its preferred background (where CBS should matter), then others."""
+    from wsclip.data.synth import SYNTH_PREFERRED
+
+    preferred, other = [], []
+    for i, image_id in enumerate(val.ids):
+        keys = np.flatnonzero(val.label_vector(i).numpy() > 0.5)
+        on_pref = any(SYNTH_PREFERRED[int(c)] == backgrounds[image_id] for c in keys)
+        (preferred if on_pref else other).append(i)
+    return (preferred + other)[:n]
+
+
+# ============================================================================ table
+COLUMNS = ("CAM mIoU", "thr", "pseudo mIoU", "refinement", "co-bg FA")
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Markdown table of the rows (percentages)."""
+
+    def pct(v):
+        return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+
+    lines = ["| method | CAM mIoU | bg thr | pseudo-mask mIoU | pseudo mask | co-bg FA % |",
+             "|---|---:|---:|---:|---|---:|"]
+    for name, r in rows.items():
+        thr = "-" if r.get("threshold") is None else f"{r['threshold']:.2f}"
+        lines.append(f"| {name} | {pct(r.get('cam_miou'))} | {thr} | {pct(r.get('mask_miou'))} | "
+                     f"{r.get('refinement', '-')} | {pct(r.get('co_bg_fa'))} |")
+    return "\n".join(lines)
+
+
+# ============================================================================ run
+def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
+    """Run every stage (skipping finished ones) and write table.md/json, a bar chart and overlays under cfg.out."""
+    import torch
+
+    from wsclip.data import open_dataset
+    from wsclip.eval.viz import bar_chart
+    from wsclip.io import atomic_write_json, atomic_write_text, sidecar_path
+    from wsclip.label.clims_cam import make_cams
+    from wsclip.models.camnet import build_camnet
+    from wsclip.train.clims import load_frozen_clip
+
+    cfg = cfg or DemoConfig()
+    for v in cfg.variants:
+        loss_weights(cfg, v)  # unknown names fail before any work
+    t_start = time.time()
+    times: dict[str, float] = {}
+    out = _check_out(cfg, fresh)
+    runs, cams_root, masks_root = out / "runs", out / "cams", out / "masks"
+    total = 7 + (1 if cfg.irn else 0)
+    step = 0
+
+    def stage(text):
+        nonlocal step
+        step += 1
+        _stage(step, total, text)
+        return time.time()
+
+    t = stage(f"synthetic world: {cfg.n_train} train + {cfg.n_val} val scenes, {cfg.size} px")
+    world = build_world(cfg, out)
+    val = open_dataset(f"voc:{world}", split="val")
+    backgrounds = _bg_of_val(cfg, val.ids)
+    times["world"] = time.time() - t
+
+    t = stage(f"tiny CLIP ({cfg.clip_steps} steps; cached after the first run)")
+    clip_file = tiny_clip_path(cfg)
+    clip = load_frozen_clip(str(clip_file), "cpu")
+    side = sidecar_path(clip_file)
+    zero_shot = json.loads(side.read_text()).get("summary", {}).get("eval", {}) if side.is_file() else {}
+    times["tiny_clip"] = time.time() - t
+
+    t = stage(f"baseline CAM network ({cfg.cam_steps} steps)")
+    cam_ckpt = train_baseline(cfg, world, runs)
+    times["baseline"] = time.time() - t
+
+    t = stage(f"CLIMS variants ({cfg.clims_steps} steps each): {', '.join(cfg.variants)}")
+    ckpts = {}
+    for v in cfg.variants:
+        print(f"  CLIMS {v}: {loss_weights(cfg, v)}", file=sys.stderr, flush=True)
+        ckpts[v] = train_variant(cfg, v, world, runs, cam_ckpt, clip_file, clip)
+    times["clims"] = time.time() - t
+
+    t = stage("val CAMs (multi-scale + flip) and CLIP-ES")
+    torch.manual_seed(cfg.tseed)
+    nets: dict[str, object] = {"untrained": build_camnet("tiny", len(val.classes)).eval(), "baseline CAM": cam_ckpt}
+    nets.update({f"CLIMS {v}": p for v, p in ckpts.items()})
+    for name, net in nets.items():
+        make_cams(net, val, cams_root / slug(name), split="val", scales=cfg.scales, device="cpu", num_workers=0)
+    if cfg.clip_es:
+        from wsclip.data.synth import SYNTH_BACKGROUND_WORDS
+        from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
+
+        make_clip_es_cams(clip, val, cams_root / "clip-es", split="val", device="cpu", num_workers=0,
+                          cfg=ClipEsConfig(background=tuple(SYNTH_BACKGROUND_WORDS)))
+    times["cams"] = time.time() - t
+
+    irn_ckpt = None
+    if cfg.irn:
+        t = stage(f"IRN boundary network from the seeds of CLIMS {cfg.variants[-1]} ({cfg.irn_steps} steps)")
+        irn_ckpt = train_boundary(cfg, world, runs, cams_root, ckpts[cfg.variants[-1]], cam_ckpt)
+        times["irn"] = time.time() - t
+
+    t = stage("pseudo masks" + (" (dense CRF)" if cfg.crf else "") + (" and random walk" if cfg.irn else ""))
+    rows: dict[str, dict] = {}
+    refine = "CRF" if cfg.crf else "threshold"
+    for name in nets:
+        r = cam_metrics(cams_root / slug(name), val, backgrounds, fa_threshold=cfg.fa_threshold, fa_margin=cfg.fa_margin)
+        r.update(cams=str(cams_root / slug(name)), refinement=refine)
+        mdir = pseudo_masks(cams_root / slug(name), masks_root / slug(name), val, threshold=r["threshold"], crf=cfg.crf)
+        r.update(masks=str(mdir), mask_miou=mask_miou(mdir, world))
+        rows[name] = r
+    if irn_ckpt is not None:
+        src = f"CLIMS {cfg.variants[-1]}"
+        r = dict(rows[src])
+        mdir = pseudo_masks(cams_root / slug(src), masks_root / (slug(src) + "-rw"), val, crf=False, irn=irn_ckpt)
+        r.update(masks=str(mdir), mask_miou=mask_miou(mdir, world), refinement="IRN random walk")
+        rows[f"{src} + RW"] = r
+    if cfg.clip_es:
+        d = cams_root / "clip-es"
+        for name, key in (("CLIP-ES GradCAM", "high_res_raw"), ("CLIP-ES + CAA", "high_res")):
+            r = cam_metrics(d, val, backgrounds, key=key, fa_threshold=cfg.fa_threshold, fa_margin=cfg.fa_margin)
+            mdir = pseudo_masks(d, masks_root / slug(name), val, key=key, bg="power", crf=cfg.crf)
+            r.update(cams=str(d), key=key, masks=str(mdir), mask_miou=mask_miou(mdir, world),
+                     refinement="(1-max) bg" + (" + CRF" if cfg.crf else ""))
+            rows[name] = r
+    times["pseudo"] = time.time() - t
+
+    t = stage("table, bar chart and overlays")
+    table = format_table(rows)
+    atomic_write_text(out / "table.md", _table_doc(cfg, table, zero_shot))
+    bar_chart(out / "table.png", {n.replace("CLIMS ", "").replace("+", "+\n"): {
+        "CAM mIoU": 100 * r["cam_miou"], "pseudo-mask mIoU": 100 * r["mask_miou"], "co-bg FA": 100 * r["co_bg_fa"]}
+        for n, r in rows.items()}, title=f"synthetic world, val split ({cfg.n_val} images)", ylabel="%")
+    picks = pick_examples(val, backgrounds, cfg.overlays)
+    (out / "overlays").mkdir(exist_ok=True)
+    for name, r in rows.items():
+        save_overlays(out / "overlays" / f"{slug(name)}.png", val, {name: r}, picks)
+    compare = {k: rows[k] for k in ("baseline CAM", f"CLIMS {cfg.variants[-1]}", "CLIP-ES + CAA") if k in rows}
+    save_overlays(out / "overlays.png", val, compare, picks)
+    times["report"] = time.time() - t
+    times["total"] = time.time() - t_start
+    result = {"settings": cfg.key(), "tiny_clip": str(clip_file), "tiny_clip_zero_shot": zero_shot,
+              "rows": rows, "seconds": {k: round(v, 1) for k, v in times.items()},
+              "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    atomic_write_json(out / "table.json", result)
+    return result
+
+
+def train_boundary(cfg: DemoConfig, world: Path, runs: Path, cams_root: Path, cam_source: Path, cam_ckpt: Path) -> Path:
+    """IRN boundary network from the seeds of `cam_source`'s CAMs on the train split (backbone: the baseline's)."""
+    from wsclip.config import IrnConfig, from_preset
+    from wsclip.label.clims_cam import make_cams
+    from wsclip.train.irn import FINAL_NAME, train_irn
+
+    train_cams = cams_root / "train-for-irn"
+    make_cams(cam_source, f"voc:{world}", train_cams, split="train", scales=cfg.scales, device="cpu", num_workers=0)
+    c = from_preset(IrnConfig, "synth", data=f"voc:{world}", split="train", out=str(runs / "irn"), cams=str(train_cams),
+                    max_steps=cfg.irn_steps, seed=cfg.tseed, device="cpu", num_workers=cfg.workers,
+                    backbone_from=str(cam_ckpt), seed_workers=1, ckpt_every=max(50, cfg.irn_steps // 3))
+    final = Path(c.out) / FINAL_NAME
+    if final.is_file():
+        return final
+    return train_irn(c, resume=(Path(c.out) / "checkpoints").is_dir())
+
+
+def _table_doc(cfg: DemoConfig, table: str, zero_shot: dict) -> str:
+    zs = ""
+    if zero_shot:
+        zs = (f"Tiny CLIP zero-shot on val: top-1 class among the present ones "
+              f"{100 * zero_shot.get('top1_in_labels', float('nan')):.1f}%, masked objects "
+              f"{100 * zero_shot.get('object_top1', float('nan')):.1f}%.\n\n")
+    return (f"# wsclip demo: synthetic world, val split ({cfg.n_val} images, {cfg.size} px)\n\n{table}\n\n"
+            f"CAM mIoU: best background threshold of {SWEEP[0]}..{SWEEP[-1]} (column 'bg thr'). Pseudo masks: "
+            f"that threshold (CLIP-ES: (1 - max) background), then the listed refinement. co-bg FA: share of "
+            f"ground-truth background pixels (>= {cfg.fa_margin} px from objects) of a class's preferred background "
+            f"where that class's CAM exceeds {cfg.fa_threshold}.\n\n{zs}"
+            f"Settings: {json.dumps(cfg.key())}\n")
+
+
+def print_summary(result: dict, out) -> None:
+    print(format_table(result["rows"]))
+    secs = result["seconds"]
+    print(f"\ntotal {secs['total']:.0f} s ({', '.join(f'{k} {v:.0f}' for k, v in secs.items() if k != 'total')})")
+    print(f"wrote {Path(out) / 'table.md'}, table.json, table.png, overlays.png and overlays/")
+
+
+__all__ = ["DemoConfig", "VARIANTS", "run_demo", "cam_metrics", "loss_weights", "format_table", "print_summary",
+           "default_cache_dir", "tiny_clip_path", "train_variant", "train_baseline", "pseudo_masks", "save_overlays"]
