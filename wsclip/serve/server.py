@@ -321,6 +321,8 @@ class _Guard:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             err = self._precheck(scope.get("path", ""), headers)
             if err is not None:
+                if err.status == 413:
+                    await _drain(receive, 4 * self.svc.cfg.max_body_bytes)
                 return await _send_error(send_wrapped, err)
             limit, total = self.svc.cfg.max_body_bytes, 0
 
@@ -369,6 +371,19 @@ class _Guard:
                 return ApiError(413, f"request body of {n} bytes is above the limit of {self.svc.cfg.max_body_bytes}",
                                 {"Connection": "close"})
         return None
+
+
+async def _drain(receive, cap: int) -> None:
+    """Read and drop up to `cap` bytes of a rejected body, so the client (still sending) gets the
+    error response instead of a connection reset; a body above `cap` is cut off by the close."""
+    seen = 0
+    while seen <= cap:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        seen += len(msg.get("body", b""))
+        if not msg.get("more_body", False):
+            return
 
 
 async def _send_error(send, err: ApiError) -> None:
