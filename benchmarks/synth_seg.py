@@ -68,7 +68,7 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
             cfg = from_preset(CamConfig, "synth", data=f"voc:{world}", split="train", out=str(work / "cam"),
                               max_steps=cam_steps, device="cpu", ckpt_every=200)
             train_cam(cfg, resume=(work / "cam" / "checkpoints").is_dir())
-        info["cam_train_s"] = round(time.time() - t0, 1)
+        info["cam_train_s"] = round(_trained_seconds(work / "cam", time.time() - t0), 1)
         t0 = time.time()
         log("multi-scale CAMs of the train split")
         cams = work / "cams"
@@ -168,6 +168,16 @@ def kept_pixels_miou(pseudo_dir, gt_dir, ids) -> tuple[float, float]:
     return cm.miou(), kept / max(total, 1)
 
 
+def _trained_seconds(out: Path, fallback: float) -> float:
+    """Training time of a Trainer run: the last log line's clock (this session's, when resumed)."""
+    log_file = out / "log.jsonl"
+    if log_file.is_file():
+        lines = [ln for ln in log_file.read_text().splitlines() if ln.strip()]
+        if lines:
+            return float(json.loads(lines[-1]).get("time", fallback))
+    return fallback
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -234,7 +244,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     log(f"training tiny {cfg.arch} on the pseudo masks ({cfg.max_steps} steps, batch {cfg.batch_size})")
     ckpt = train_seg(cfg, resume=True)
-    seg_s = time.time() - t0
+    seg_s = _trained_seconds(seg_out, time.time() - t0)
     scales = parse_scales(args.scales)
     res = {}
     for split, split_file in (("val", split_val), ("train", split_train)):
@@ -261,7 +271,7 @@ def main(argv=None) -> int:
         "network_miou_train": res["train"][0],
         "segment_s": {k: round(v[1], 1) for k, v in res.items()},
         "note": pseudo_val_note,
-        "total_s": round(time.time() - t_all, 1),
+        "this_invocation_s": round(time.time() - t_all, 1),
     }
     name = f"synth_seg{'' if args.pseudo == 'cam' else '_' + args.pseudo}.json"
     path = args.out or (work / name if args.quick else ROOT / "benchmarks" / "results" / name)

@@ -90,10 +90,12 @@ def _add_train_tiny_clip(sub):
     g = _group(sub, "train", "train a model (see `wsclip train <what> --help`)")
     p = g.add_parser("tiny-clip", help="train a tiny open_clip CLIP on the synthetic world (CPU, minutes)")
     p.add_argument("--out", required=True, type=Path, help="output .safetensors (a .json sidecar is written beside it)")
-    p.add_argument("--steps", type=int, help="optimisation steps (default 600; 150 with --quick)")
-    p.add_argument("--batch-size", type=int, help="scenes per step, 3 views each (default 48; 32 with --quick)")
+    p.add_argument("--steps", type=int, help="optimisation steps (default 400; 150 with --quick)")
+    p.add_argument("--batch-size", type=int, help="scenes per step, 4 views each (default 32)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=("vit", "rn"), default="vit",
+                   help="vit: ViT image tower (CLIP-ES needs it); rn: ResNet tower, learns objects faster (CLIMS)")
     p.add_argument("--quick", action="store_true", help="a short, lower-quality run")
     p.add_argument("--eval-n", type=int, default=200, help="val scenes for the zero-shot report (0: skip)")
     p.add_argument("--no-resume", action="store_true", help="ignore a saved partial training state")
@@ -103,7 +105,8 @@ def _add_train_tiny_clip(sub):
 def _run_train_tiny_clip(args):
     from wsclip.train.tiny_clip import TinyClipConfig, train_tiny_clip
 
-    cfg = TinyClipConfig.quick(seed=args.seed, lr=args.lr) if args.quick else TinyClipConfig(seed=args.seed, lr=args.lr)
+    kw = dict(seed=args.seed, lr=args.lr, arch=args.arch)
+    cfg = TinyClipConfig.quick(**kw) if args.quick else TinyClipConfig(**kw)
     if args.steps is not None:
         cfg.steps = args.steps
     if args.batch_size is not None:
@@ -407,8 +410,8 @@ def _add_export_onnx(sub):
     p.add_argument("--size", help="H or HxW to trace with; the fixed input size without --dynamic-hw")
     p.add_argument("--input-dtype", choices=("uint8", "float32"), help="image input: uint8 (default) or float in [0, 1]")
     p.add_argument("--bg-threshold", type=float, help="camnet: background score for the mask argmax (default 0.15)")
-    p.add_argument("--scales", help="camnet: comma-separated scales summed in the graph (default 1.0)")
-    p.add_argument("--flip", action="store_true", help="camnet: add horizontally flipped views")
+    p.add_argument("--scales", help="camnet/seg: comma-separated test scales fused in the graph (default 1.0)")
+    p.add_argument("--flip", action="store_true", help="camnet/seg: add horizontally flipped views")
     p.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy",
                    help="torch.onnx exporter: legacy (TorchScript, default) or dynamo (needs onnxscript)")
     p.set_defaults(func=_run_export_onnx)
@@ -425,8 +428,10 @@ def _run_export_onnx(args):
         options["scales"] = tuple(float(s) for s in args.scales.split(","))
     if args.flip:
         options["flip"] = True
-    if options and args.model != "camnet":
-        raise WsclipError("--bg-threshold, --scales and --flip apply to --model camnet only")
+    if "bg_threshold" in options and args.model != "camnet":
+        raise WsclipError("--bg-threshold applies to --model camnet only")
+    if options and args.model not in ("camnet", "seg"):
+        raise WsclipError("--scales and --flip apply to --model camnet and seg only")
     meta = export_onnx(args.model, args.checkpoint, args.out, opset=args.opset, batch=args.batch,
                        hw=parse_hw(args.size), dynamic_hw=args.dynamic_hw, input_dtype=args.input_dtype,
                        exporter=args.exporter, **options)
@@ -864,7 +869,8 @@ def _add_demo(sub):
     p.add_argument("--seed", type=int, help="world and training seed (default 0)")
     p.add_argument("--train", type=int, dest="n_train", help="train scenes")
     p.add_argument("--val", type=int, dest="n_val", help="val scenes")
-    p.add_argument("--clip-steps", type=int, help="tiny CLIP training steps")
+    p.add_argument("--clip-steps", type=int, help="training steps of the ResNet tiny CLIP that CLIMS uses")
+    p.add_argument("--clip-es-steps", type=int, help="training steps of the ViT tiny CLIP that CLIP-ES uses")
     p.add_argument("--cam-steps", type=int, help="baseline CAM training steps")
     p.add_argument("--clims-steps", type=int, help="CLIMS training steps per loss variant")
     p.add_argument("--variants", nargs="+", help="CLIMS loss variants (default: OTM OTM+BTM OTM+BTM+REG OTM+BTM+REG+CBS)")
@@ -883,7 +889,8 @@ def _run_demo(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    given = {k: getattr(args, k) for k in ("seed", "n_train", "n_val", "clip_steps", "cam_steps", "clims_steps", "irn")
+    given = {k: getattr(args, k) for k in ("seed", "n_train", "n_val", "clip_steps", "clip_es_steps", "cam_steps",
+                                                  "clims_steps", "irn")
              if getattr(args, k) is not None}
     if args.variants:
         given["variants"] = tuple(args.variants)

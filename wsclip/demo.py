@@ -66,7 +66,8 @@ class DemoConfig:
     size: int = 64
     n_train: int = 1000
     n_val: int = 100
-    clip_steps: int = 150
+    clip_steps: int = 100  # the ResNet tiny CLIP CLIMS trains against
+    clip_es_steps: int = 100  # the ViT tiny CLIP CLIP-ES labels with (0 with clip_es off)
     clip_batch: int = 32
     cam_steps: int = 150
     clims_steps: int = 150
@@ -92,7 +93,7 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **kw) -> "DemoConfig":
-        base = dict(out="runs/synth_ablation", n_train=2000, n_val=200, clip_steps=600, clip_batch=48,
+        base = dict(out="runs/synth_ablation", n_train=2000, n_val=200, clip_steps=400, clip_batch=32,
                     cam_steps=500, clims_steps=500, irn=True, irn_steps=300, overlays=8)
         return cls(**{**base, **kw})
 
@@ -162,12 +163,14 @@ def build_world(cfg: DemoConfig, out: Path) -> Path:
     return write_voc_layout(out / "world", cfg.n_train, cfg.n_val, seed=cfg.seed, size=cfg.size, image_format="png")
 
 
-def tiny_clip_path(cfg: DemoConfig) -> Path:
-    """A trained tiny CLIP for these settings, from the cache or trained now."""
+def tiny_clip_path(cfg: DemoConfig, arch: str = "rn") -> Path:
+    """A trained tiny CLIP ("rn" for CLIMS, "vit" for CLIP-ES) for these settings, from the cache or trained now."""
     from wsclip.train.tiny_clip import TinyClipConfig, ensure_tiny_clip
 
-    tc = TinyClipConfig(steps=cfg.clip_steps, batch_size=cfg.clip_batch, warmup=max(1, min(30, cfg.clip_steps // 15)),
-                        seed=cfg.seed, size=cfg.size)
+    steps = cfg.clip_steps if arch == "rn" else cfg.clip_es_steps
+    base = TinyClipConfig()
+    warmup = base.warmup if steps >= base.steps else min(base.warmup, max(1, steps // 15))
+    tc = TinyClipConfig(steps=steps, batch_size=cfg.clip_batch, warmup=warmup, seed=cfg.seed, size=cfg.size, arch=arch)
     return ensure_tiny_clip(Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(), seed=cfg.seed, cfg=tc)
 
 
@@ -367,9 +370,11 @@ def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     backgrounds = _bg_of_val(cfg, val.ids)
     times["world"] = time.time() - t
 
-    t = stage(f"tiny CLIP ({cfg.clip_steps} steps; cached after the first run)")
-    clip_file = tiny_clip_path(cfg)
+    what = f"ResNet {cfg.clip_steps} steps for CLIMS" + (f", ViT {cfg.clip_es_steps} steps for CLIP-ES" if cfg.clip_es else "")
+    t = stage(f"tiny CLIPs ({what}; cached after the first run)")
+    clip_file = tiny_clip_path(cfg, "rn")
     clip = load_frozen_clip(str(clip_file), "cpu")
+    vit_file = tiny_clip_path(cfg, "vit") if cfg.clip_es else None
     side = sidecar_path(clip_file)
     zero_shot = json.loads(side.read_text()).get("summary", {}).get("eval", {}) if side.is_file() else {}
     times["tiny_clip"] = time.time() - t
@@ -395,7 +400,7 @@ def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
         from wsclip.data.synth import SYNTH_BACKGROUND_WORDS
         from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
 
-        make_clip_es_cams(clip, val, cams_root / "clip-es", split="val", device="cpu", num_workers=0,
+        make_clip_es_cams(load_frozen_clip(str(vit_file), "cpu"), val, cams_root / "clip-es", split="val", device="cpu", num_workers=0,
                           cfg=ClipEsConfig(background=tuple(SYNTH_BACKGROUND_WORDS)))
     times["cams"] = time.time() - t
 

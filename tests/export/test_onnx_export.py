@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -139,6 +141,25 @@ def test_seg_labeler_export(tmp_path):
     assert got["probs"].shape == (3, 21, 75, 53)
     assert _rel(got["probs"], want["probs"]) < 1e-4 and (got["mask"] == want["mask"]).mean() > 0.999
     np.testing.assert_allclose(got["probs"].sum(1), 1.0, atol=1e-5)
+
+
+def test_seg_multiscale_flip_export_from_the_cli(tmp_path, capsys):
+    from wsclip.cli import main
+    from wsclip.models.seg import build_seg_model, save_seg_model
+
+    ckpt = tmp_path / "seg.safetensors"
+    save_seg_model(ckpt, randomize_bn(build_seg_model("deeplabv2", "tiny", 4), seed=6), ["a", "b", "c"])
+    path = tmp_path / "seg.onnx"
+    assert main(["export", "onnx", "--model", "seg", "--checkpoint", str(ckpt), "--out", str(path),
+                 "--size", "48", "--scales", "1.0,0.5", "--flip"]) in (0, None)
+    meta = json.loads(path.with_name(path.name + ".json").read_text())
+    assert meta["config"]["scales"] == [1.0, 0.5] and meta["config"]["flip"] is True
+    x = np.random.default_rng(6).integers(0, 256, (2, 3, 41, 57), dtype=np.uint8)
+    got, want = OrtRunner(path).run(x), spec_from_sidecar(meta, ckpt).module.run(x)
+    assert _rel(got["probs"], want["probs"]) < 1e-4
+    assert main(["export", "onnx", "--model", "seg", "--checkpoint", str(ckpt), "--out", str(tmp_path / "b.onnx"),
+                 "--bg-threshold", "0.3"]) == 2
+    assert "camnet only" in capsys.readouterr().err
 
 
 def test_resnet50_camnet_small_input(tmp_path):

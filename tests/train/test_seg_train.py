@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.config import from_preset
+from wsclip.data import open_images
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, ShapeError
 from wsclip.io import read_mask, write_mask
 from wsclip.models.seg import build_seg_model, load_seg_model
 from wsclip.train.seg import (
-    PseudoMaskDataset, RandomScale, SegConfig, open_images, seg_loss, seg_step, seg_train_transform, train_seg,
+    PseudoMaskDataset, RandomScale, SegConfig, seg_loss, seg_step, seg_train_transform, train_seg,
 )
 
 

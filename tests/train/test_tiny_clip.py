@@ -87,7 +87,7 @@ def test_multi_positive_infonce_reduces_to_clip_loss_for_one_to_one_pairs():
 def test_views_and_batch():
     scenes = [generate_scene(0, "pretrain", i, 32) for i in range(5)]
     x, texts, contents = make_views(scenes, np.random.default_rng(0))
-    assert x.shape == (25, 3, 32, 32) and len(texts) == len(contents) == 25
+    assert x.shape == (20, 3, 32, 32) and len(texts) == len(contents) == 20
     # background views carry no pixels of the removed class: the text never names it
     for t, c in zip(texts, contents):
         assert describes(content_of_text(t), c), (t, c)
@@ -149,6 +149,30 @@ def test_cache_and_load_clip_round_trip(tmp_path):
     ev = evaluate_tiny_clip(model, n=6, size=32)
     assert ev["images"] == 6
     assert all(0.0 <= v <= 1.0 for k, v in ev.items() if k != "images")
+
+
+def test_resnet_variant_trains_and_loads_like_any_clip(tmp_path):
+    from wsclip.errors import WsclipError
+    from wsclip.models.clip import load_clip
+    from wsclip.train.tiny_clip import TINY_CLIP_RN_CFG
+
+    assert TinyClipConfig(arch="rn").model_cfg == TINY_CLIP_RN_CFG != TinyClipConfig().model_cfg
+    assert TinyClipConfig(arch="rn").key() != TinyClipConfig().key()
+    with pytest.raises(WsclipError, match="architecture"):
+        TinyClipConfig(arch="vgg")
+    rn = {**TINY_CLIP_RN_CFG, "embed_dim": 32, "vision_cfg": {**TINY_CLIP_RN_CFG["vision_cfg"], "image_size": 32,
+                                                               "width": 8}}
+    path = tmp_path / "rn.safetensors"
+    summary = train_tiny_clip(path, micro(steps=2, model_cfg=rn, arch="rn"), eval_n=4)
+    assert summary["eval"]["images"] == 4
+    model = build_tiny_clip(rn).eval()
+    model.load_state_dict(load_file(str(path)))
+    clip = load_clip(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cls_emb, pooled = encode_images(model, x)
+    assert cls_emb is pooled  # no patch tokens in a ResNet tower
+    torch.testing.assert_close(clip.encode_image(x, normalize=True), cls_emb, rtol=1e-5, atol=1e-5)
 
 
 def test_cli_train_tiny_clip(tmp_path):

@@ -11,6 +11,7 @@ import importlib
 
 _EXPORTS = {
     "open_dataset": "wsclip.data.factory",
+    "open_images": "wsclip.data.factory",
     "detect_layout": "wsclip.data.factory",
     "LabeledImageDataset": "wsclip.data.base",
     "multi_hot": "wsclip.data.base",

@@ -97,3 +97,20 @@ def open_dataset(spec, split: str | None = None, **kw):
     from wsclip.data.folder import FolderDataset
 
     return FolderDataset(root, split=split, **kw)
+
+
+def open_images(spec, split: str | None = None, masks: bool = False):
+    """`open_dataset` for its images (and, with masks=True, the dataset's own masks) whatever its layout.
+
+    VOC and COCO skip their masks unless asked; a folder dataset has masks only when given a
+    mask folder, so `masks=True` there is a clear error.
+    """
+    spec = str(spec)
+    scheme = spec.partition(":")[0].lower() if ":" in spec else None
+    layout = scheme if scheme in ("voc", "coco", "folder", "synth") else detect_layout(Path(spec).expanduser())
+    if layout in ("voc", "coco"):
+        return open_dataset(spec, split=split, masks=bool(masks))
+    ds = open_dataset(spec, split=split)
+    if masks and not getattr(ds, "with_masks", False):
+        raise DatasetLayoutError(f"{spec} has no ground-truth masks (a folder dataset needs masks=<mask folder>)")
+    return ds

@@ -61,7 +61,7 @@ def available_splits(root: Path) -> list[str]:
     for d in SPLIT_DIRS:
         folder = root / d if d else root
         if folder.is_dir():
-            names.update(p.stem for p in folder.glob("*.txt") if p.stem not in ("classes", "README"))
+            names.update(p.stem for p in folder.glob("*.txt") if p.stem not in ("classes", "README", "backgrounds"))
     return sorted(names)
 
 

@@ -157,10 +157,9 @@ def make_cams(
         net, meta = load_camnet(checkpoint, device=dev)
         classes = meta.get("classes")
     if isinstance(data, (str, Path)):
-        from wsclip.data import open_dataset
+        from wsclip.data import open_images
 
-        kw = {} if str(data).startswith("synth:") else {"masks": False}
-        ds = open_dataset(str(data), split=split, **kw)
+        ds = open_images(data, split)
     else:
         ds = data
     if len(ds.classes) != net.num_classes:

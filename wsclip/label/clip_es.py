@@ -307,10 +307,9 @@ def make_clip_es_cams(
 
         clip = load_clip(clip, device=dev, precision=precision)
     if isinstance(data, (str, Path)):
-        from wsclip.data import open_dataset
+        from wsclip.data import open_images
 
-        kw = {} if str(data).startswith("synth:") else {"masks": False}
-        ds = open_dataset(str(data), split=split, **kw)
+        ds = open_images(data, split)
     else:
         ds = data
     labeler = ClipEs(clip, ds.classes, cfg)
@@ -387,10 +386,9 @@ def caa_refine_cam_files(
         clip = load_clip(clip, device=dev, precision=precision)
     ds = data
     if isinstance(data, (str, Path)):
-        from wsclip.data import open_dataset
+        from wsclip.data import open_images
 
-        kw = {} if str(data).startswith("synth:") else {"masks": False}
-        ds = open_dataset(str(data), split=split, **kw)
+        ds = open_images(data, split)
     labeler = ClipEs(clip, ds.classes, cfg)
     cam_dir, out = Path(cam_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -154,10 +154,9 @@ def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edg
 def _open(data, split):
     if data is None or not isinstance(data, (str, Path)):
         return data
-    from wsclip.data import open_dataset
+    from wsclip.data import open_images
 
-    kw = {} if str(data).startswith("synth:") else {"masks": False}
-    return open_dataset(str(data), split=split, **kw)
+    return open_images(data, split)
 
 
 def _edge_source(irn, edges_dir, device) -> Callable | None:

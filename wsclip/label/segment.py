@@ -113,7 +113,7 @@ def segment(
     if not scales or any(s <= 0 for s in scales):
         raise WsclipError(f"scales must be positive numbers, got {list(scales)}")
     if isinstance(images, (str, Path)):
-        from wsclip.train.seg import open_images
+        from wsclip.data import open_images
 
         ds = open_images(images, split)
     else:

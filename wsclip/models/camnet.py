@@ -22,7 +22,7 @@ BACKBONES = ("resnet50", "resnet18", "tiny")
 TINY_WIDTHS = (16, 32, 64, 128)
 
 
-class _TinyResNet(nn.Module):
+class TinyResNet(nn.Module):
     """ResNet with one BasicBlock per stage and small widths (torchvision blocks)."""
 
     def __init__(self, widths: Sequence[int] = TINY_WIDTHS):
@@ -47,7 +47,8 @@ class _TinyResNet(nn.Module):
         self.out_channels = cin
 
 
-def _torchvision_resnet(name: str) -> nn.Module:
+def torchvision_resnet(name: str) -> nn.Module:
+    """A torchvision ResNet without its classifier (fc, avgpool); `out_channels` set."""
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None)
@@ -66,7 +67,8 @@ def _set_last_stride_1(net: nn.Module) -> None:
         block.downsample[0].stride = (1, 1)
 
 
-def _load_imagenet(backbone: nn.Module, path) -> None:
+def load_imagenet_weights(backbone: nn.Module, path) -> None:
+    """Load a torchvision ImageNet state dict (fc dropped) into `backbone`; any mismatch is a clear error."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"ImageNet weights not found: {path} (pass a torchvision ResNet state dict)")
@@ -108,7 +110,7 @@ class CAMNet(nn.Module):
             raise WsclipError(f"unknown CAM backbone '{backbone}': use one of {', '.join(BACKBONES)}")
         self.backbone_name = backbone
         self.num_classes = int(num_classes)
-        self.backbone = _TinyResNet() if backbone == "tiny" else _torchvision_resnet(backbone)
+        self.backbone = TinyResNet() if backbone == "tiny" else torchvision_resnet(backbone)
         if backbone != "tiny":
             _set_last_stride_1(self.backbone)
         self.classifier = nn.Conv2d(self.backbone.out_channels, self.num_classes, 1, bias=False)
@@ -166,7 +168,7 @@ def build_camnet(backbone: str = "resnet50", num_classes: int = 20, pretrained=N
     """A CAM network; `pretrained` is a local torchvision ImageNet state dict for the backbone."""
     net = CAMNet(backbone, num_classes)
     if pretrained:
-        _load_imagenet(net.backbone, pretrained)
+        load_imagenet_weights(net.backbone, pretrained)
     return net
 
 

@@ -50,16 +50,16 @@ def _dilate(layer: nn.Module, dilation: int) -> None:
 
 def build_backbone(name: str, output_stride: int = 8, pretrained=None) -> nn.Module:
     """A ResNet from camnet's builders at output stride 8 or 16 (`.out_channels`, `.low_channels` set)."""
-    from wsclip.models.camnet import _load_imagenet, _TinyResNet, _torchvision_resnet
+    from wsclip.models.camnet import TinyResNet, load_imagenet_weights, torchvision_resnet
 
     if name not in BACKBONES:
         raise WsclipError(f"unknown segmentation backbone '{name}': use one of {', '.join(BACKBONES)}")
     if output_stride not in (8, 16):
         raise WsclipError(f"output stride must be 8 or 16, got {output_stride}")
-    net = _TinyResNet() if name == "tiny" else _torchvision_resnet(name)  # tiny: stride 16 before dilation
+    net = TinyResNet() if name == "tiny" else torchvision_resnet(name)  # tiny: stride 16 before dilation
     net.low_channels = net.layer2[0].conv1.in_channels  # layer1's output width
     if pretrained:
-        _load_imagenet(net, pretrained)
+        load_imagenet_weights(net, pretrained)
     if output_stride == 8:
         _dilate(net.layer3, 2)
         _dilate(net.layer4, 4)

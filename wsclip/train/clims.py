@@ -86,30 +86,15 @@ class ClimsObjective:
         self.clip, self.cfg = clip, cfg
         self.fg_text, self.bg_text = fg_text, bg_text
         self.bg_mask = bg_mask.to(fg_text.device) if bg_mask is not None else None
-        if cfg.mask_norm == "clip":
-            self.norm = (tuple(clip.mean), tuple(clip.std))
-        elif cfg.mask_norm == "imagenet":
-            self.norm = (IMAGENET_MEAN, IMAGENET_STD)
-        else:
-            raise WsclipError(f"mask_norm must be 'clip' or 'imagenet', got '{cfg.mask_norm}'")
+        self.norm = mask_normalisation(clip, cfg.mask_norm)
 
     def __call__(self, model, batch):
-        from wsclip.kernels import masked_batch
         from wsclip.train.loop import global_scale, world_size
 
         cfg = self.cfg
-        x, labels = batch["image"], batch["labels"]
-        cams = torch.sigmoid(model(x).float())  # (B, K, h, w)
-        pairs = labels.nonzero()  # (M, 2): (image, class)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        images = (x.float() * std + mean).clamp(0.0, 1.0)  # back to [0, 1]; zero padding -> mean colour
-        # (2M, 3, S, S) = [fg of every pair; bg of every pair], one CLIP batch, one encoder call
-        both = masked_batch(images, cams, pairs, size=self.clip.image_size, mean=self.norm[0], std=self.norm[1],
-                            out_dtype=self.clip.dtype, backend=cfg.kernel_backend, stacked=True)
+        x = batch["image"]
+        cams, pairs, f_fg, f_bg = encode_masked_pairs(model, batch, self.clip, self.norm, cfg.kernel_backend)
         m = pairs.shape[0]
-        feats = self.clip.encode_image(both)
-        f_fg, f_bg = feats[:m], feats[m:]
         t = self.fg_text[pairs[:, 1]]
         s_fg = (f_fg * t).sum(-1)
         s_bg = (f_bg * t).sum(-1)
@@ -127,6 +112,37 @@ class ClimsObjective:
         }
         loss = cfg.alpha * terms["otm"] + cfg.beta * terms["btm"] + cfg.gamma * terms["cbs"] + cfg.delta * terms["reg"]
         return loss, terms
+
+
+def mask_normalisation(clip, mask_norm: str) -> tuple[tuple, tuple]:
+    """(mean, std) the masked CLIP inputs are normalised with: CLIP's own, or ImageNet's as in the public code."""
+    if mask_norm == "clip":
+        return tuple(clip.mean), tuple(clip.std)
+    if mask_norm == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise WsclipError(f"mask_norm must be 'clip' or 'imagenet', got '{mask_norm}'")
+
+
+def encode_masked_pairs(model, batch, clip, norm, backend: str = "auto"):
+    """Sigmoid CAMs of the batch and CLIP features of every (image, class) pair's fg and bg image.
+
+    Returns cams (B, K, h, w), pairs (M, 2) = labels.nonzero(), f_fg (M, D), f_bg (M, D): all
+    2M masked images go through the frozen CLIP image encoder in one call.
+    """
+    from wsclip.kernels import masked_batch
+
+    x, labels = batch["image"], batch["labels"]
+    cams = torch.sigmoid(model(x).float())  # (B, K, h, w)
+    pairs = labels.nonzero()  # (M, 2): (image, class)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    images = (x.float() * std + mean).clamp(0.0, 1.0)  # back to [0, 1]; zero padding -> mean colour
+    # (2M, 3, S, S) = [fg of every pair; bg of every pair], one CLIP batch, one encoder call
+    both = masked_batch(images, cams, pairs, size=clip.image_size, mean=norm[0], std=norm[1],
+                        out_dtype=clip.dtype, backend=backend, stacked=True)
+    m = pairs.shape[0]
+    feats = clip.encode_image(both)
+    return cams, pairs, feats[:m], feats[m:]
 
 
 def load_frozen_clip(spec: str, device, precision: str = "fp32"):

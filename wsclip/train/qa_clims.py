@@ -26,7 +26,7 @@ import torch
 from wsclip.config import QaClimsConfig, save_yaml
 from wsclip.errors import WsclipError
 from wsclip.train import losses
-from wsclip.train.clims import IMAGENET_MEAN, IMAGENET_STD, load_frozen_clip
+from wsclip.train.clims import encode_masked_pairs, load_frozen_clip, mask_normalisation
 from wsclip.train.qa_corpus import QACorpus, QAEntry, bg_texts, fg_texts, load_corpus, qa_label_name
 
 
@@ -180,30 +180,13 @@ class QaClimsObjective:
 
     def __init__(self, clip, table: QATextTable, cfg: QaClimsConfig, classes: Sequence[str] | None = None):
         self.clip, self.table, self.cfg, self.classes = clip, table, cfg, classes
-        if cfg.mask_norm == "clip":
-            self.norm = (tuple(clip.mean), tuple(clip.std))
-        elif cfg.mask_norm == "imagenet":
-            self.norm = (IMAGENET_MEAN, IMAGENET_STD)
-        else:
-            raise WsclipError(f"mask_norm must be 'clip' or 'imagenet', got '{cfg.mask_norm}'")
+        self.norm = mask_normalisation(clip, cfg.mask_norm)
 
     def __call__(self, model, batch):
-        from wsclip.kernels import masked_batch
         from wsclip.train.loop import world_size
 
         cfg = self.cfg
-        x, labels = batch["image"], batch["labels"]
-        cams = torch.sigmoid(model(x).float())  # (B, K, h, w)
-        pairs = labels.nonzero()  # (M, 2): (image, class)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        images = (x.float() * std + mean).clamp(0.0, 1.0)
-        # (2M, 3, S, S) = [fg of every pair; bg of every pair]: one CLIP batch, one encoder call
-        both = masked_batch(images, cams, pairs, size=self.clip.image_size, mean=self.norm[0], std=self.norm[1],
-                            out_dtype=self.clip.dtype, backend=cfg.kernel_backend, stacked=True)
-        m = pairs.shape[0]
-        feats = self.clip.encode_image(both)
-        v, u = feats[:m], feats[m:]
+        cams, pairs, v, u = encode_masked_pairs(model, batch, self.clip, self.norm, cfg.kernel_backend)
         t_fg, t_bg, bg_mask = self.table.gather(self.table.lookup(batch["id"], pairs.cpu(), self.classes))
         sum_scale = world_size() * max(1, int(cfg.accum_steps))  # local sum -> share of the global-batch sum
         terms = {

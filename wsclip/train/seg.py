@@ -108,18 +108,6 @@ def seg_train_transform(crop: int = 321, scale_range=(0.5, 2.0)) -> Compose:
     ])
 
 
-def open_images(spec, split: str | None = None, masks: bool = False):
-    """A dataset for its images (and, with masks=True, its own masks) whatever its layout."""
-    from wsclip.data import open_dataset
-    from wsclip.data.factory import detect_layout
-
-    spec = str(spec)
-    scheme = spec.partition(":")[0].lower() if ":" in spec else None
-    layout = scheme if scheme in ("voc", "coco", "folder", "synth") else detect_layout(spec)
-    kw = {"masks": bool(masks)} if layout in ("voc", "coco") else {}
-    return open_dataset(spec, split=split, **kw)
-
-
 class PseudoMaskDataset:
     """Images of `base` paired by id with `<mask_dir>/<id>.png` (or base's own masks when mask_dir is None).
 
@@ -174,6 +162,8 @@ def open_seg_dataset(cfg: SegConfig) -> PseudoMaskDataset:
     """The training split paired with its pseudo masks, with the training augmentation."""
     if not cfg.data:
         raise DatasetLayoutError("no training data given: pass --data (a VOC/COCO folder, folder:DIR or synth:)")
+    from wsclip.data import open_images
+
     base = open_images(cfg.data, cfg.split, masks=not cfg.pseudo)
     if len(base) == 0:
         raise DatasetLayoutError(f"{cfg.data} split '{cfg.split}' has no images")

@@ -14,7 +14,9 @@ Every text has a content (classes, background); a text counts as a positive for
 every view whose content it describes, so "a photo of a boat." is not pushed away
 from a full image that holds a boat. The loss is the symmetric multi-positive
 InfoNCE with a learnable logit scale, applied both to the CLS embedding (what
-`encode_image` returns) and to the patch-mean embedding CLIP-ES uses.
+`encode_image` returns) and to the patch-mean embedding CLIP-ES uses. A short
+text-only contrastive warm-up and a 10x smaller text learning rate keep the class
+prompts apart while the image tower learns shapes (see `text_warmup`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,17 @@ TINY_CLIP_CFG: dict = {
     "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 4},
 }
 
-MASKED_VIEWS = 2  # per scene: objects masked onto the mean colour in the full frame
+#: the ResNet variant (open_clip ModifiedResNet, attention pooling): learns the objects' shapes and
+#: textures several times faster on CPU than the ViT (object top-1 0.66 vs 0.23 after 100 steps,
+#: measured), so CLIMS uses it; CLIP-ES needs the ViT (patch tokens, attention maps).
+TINY_CLIP_RN_CFG: dict = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
+    "text_cfg": dict(TINY_CLIP_CFG["text_cfg"]),
+}
+TINY_CLIP_CFGS = {"vit": TINY_CLIP_CFG, "rn": TINY_CLIP_RN_CFG}
+
+MASKED_VIEWS = 1  # per scene: objects masked onto the mean colour in the full frame
 CROP_VIEWS = 1  # per scene: object bounding-box crops
 OBJECT_TEMPLATES = ("a photo of a {}.", "a photo of {}.", "a clean origami {}.", "a picture of a {}.")
 BACKGROUND_TEMPLATES = ("a photo of {}.", "a clean origami {}.", "a picture of {}.")
@@ -60,7 +72,7 @@ BACKGROUND_TEMPLATES = ("a photo of {}.", "a clean origami {}.", "a picture of {
 class TinyClipConfig:
     """Training settings; `quick()` gives a short run for smoke tests and demos."""
 
-    steps: int = 600
+    steps: int = 400
     batch_size: int = 32  # scenes per step; each gives 4 views
     lr: float = 1e-3
     text_lr_scale: float = 0.1  # the text tower learns slower, so class prompts stay apart
@@ -70,7 +82,14 @@ class TinyClipConfig:
     seed: int = 0
     size: int = 64
     checkpoint_every: int = 100  # steps between resumable training states (0: never)
-    model_cfg: dict = field(default_factory=lambda: copy.deepcopy(TINY_CLIP_CFG))
+    arch: str = "vit"  # "vit" (CLIP-ES and CLIMS) or "rn" (CLIMS: learns objects faster)
+    model_cfg: dict | None = None  # an explicit open_clip config (default: the one of `arch`)
+
+    def __post_init__(self):
+        if self.model_cfg is None:
+            if self.arch not in TINY_CLIP_CFGS:
+                raise WsclipError(f"unknown tiny CLIP architecture '{self.arch}': use {' or '.join(TINY_CLIP_CFGS)}")
+            self.model_cfg = copy.deepcopy(TINY_CLIP_CFGS[self.arch])
 
     @classmethod
     def quick(cls, **kw) -> "TinyClipConfig":
@@ -101,8 +120,14 @@ def tokenize(texts, context_length: int):
 
 
 def encode_images(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CLS embedding, patch-mean embedding), both L2-normalised, from normalised pixels."""
+    """(CLS embedding, patch-mean embedding), both L2-normalised, from normalised pixels.
+
+    A ResNet tower has no patch tokens: both are its attention-pooled embedding.
+    """
     visual = model.visual
+    if not hasattr(visual, "transformer"):
+        emb = F.normalize(visual(x), dim=-1)
+        return emb, emb
     store = {}
     handle = visual.transformer.register_forward_hook(lambda m, i, o: store.__setitem__("tokens", o))
     try:
@@ -333,7 +358,9 @@ def train_step(model, opt, cfg: TinyClipConfig, step: int) -> float:
     cls_emb, avg_emb = encode_images(model, x)
     txt = encode_texts(model, texts)
     scale = model.logit_scale.exp()
-    loss = 0.5 * (multi_positive_infonce(cls_emb, txt, pos, scale) + multi_positive_infonce(avg_emb, txt, pos, scale))
+    loss = multi_positive_infonce(cls_emb, txt, pos, scale)
+    if avg_emb is not cls_emb:
+        loss = 0.5 * (loss + multi_positive_infonce(avg_emb, txt, pos, scale))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -395,7 +422,7 @@ def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True,
         return {"steps": cfg.steps, "stopped_at": end, "state": str(state_file)}
     train_s = time.perf_counter() - t0
     model.eval()
-    save_clip(out, model, cfg.model_cfg, name=TINY_CLIP_NAME)
+    save_clip(out, model, cfg.model_cfg, name=TINY_CLIP_NAME + ("-rn" if cfg.arch == "rn" else ""))
     summary = {"steps": cfg.steps, "train_seconds_this_run": round(train_s, 1),
                "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-10:])) if losses else None}
     if eval_n:
