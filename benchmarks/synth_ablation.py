@@ -1,6 +1,6 @@
 """The full CLIMS loss ablation on the synthetic world (the long version of `wsclip demo`).
 
-World (2000 train / 200 val scenes) -> tiny CLIP (600 steps, cached) -> baseline CAM -> CLIMS
+World (2000 train / 200 val scenes) -> tiny CLIPs (ResNet for CLIMS, ViT for CLIP-ES; cached) -> baseline CAM -> CLIMS
 with OTM; OTM+BTM; OTM+BTM+REG; OTM+BTM+REG+CBS -> val CAMs -> CLIP-ES with the tiny CLIP
 (GradCAM, CAA) -> dense CRF / IRN random walk pseudo masks -> table of CAM and pseudo-mask mIoU
 and the co-occurring-background false activation (definitions in wsclip/demo.py).
@@ -59,7 +59,8 @@ def markdown(runs: dict[int, dict], command: str, machine: str) -> str:
              f"Command: `{command}` ({machine}; total {sum(r['seconds']['total'] for r in runs.values()) / 60:.0f} min "
              f"for {len(seeds)} seed{'s' if len(seeds) > 1 else ''}).", "",
              f"World: {s['n_train']} train / {s['n_val']} val scenes, {s['size']} px, 6 classes on 5 backgrounds; "
-             f"tiny CLIP {s['clip_steps']} steps (batch {s['clip_batch']}); baseline CAM {s['cam_steps']} steps; "
+             f"tiny CLIPs: ResNet {s['clip_steps']} steps for CLIMS, ViT {s.get('clip_es_steps', '-')} steps for CLIP-ES "
+             f"(batch {s['clip_batch']}); baseline CAM {s['cam_steps']} steps; "
              f"each CLIMS variant {s['clims_steps']} steps from the baseline (weights alpha, beta, gamma, delta = "
              f"{tuple(s['weights'])}, switched-off terms at 0). All figures on the **val** split, in %"
              + (f"; mean (min-max) over training seeds {seeds} (world and tiny CLIP shared)" if len(seeds) > 1 else "")
@@ -74,9 +75,9 @@ def markdown(runs: dict[int, dict], command: str, machine: str) -> str:
               f"share of ground-truth background pixels (at least {s['fa_margin']} px from any object) of a present "
               f"class's preferred background where that class's CAM exceeds {s['fa_threshold']}."]
     if zs:
-        lines += ["", f"Tiny CLIP zero-shot on val: best class prompt is a present class for "
-                      f"{100 * zs.get('top1_in_labels', float('nan')):.0f}% of images; masked single objects get "
-                      f"their own class {100 * zs.get('object_top1', float('nan')):.0f}% of the time."]
+        from wsclip.demo import zero_shot_text
+
+        lines += ["", zero_shot_text(zs if "top1_in_labels" not in zs else {"": zs})]
     lines.append(END)
     return "\n".join(lines) + "\n"
 

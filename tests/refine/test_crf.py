@@ -90,3 +90,46 @@ def test_crf_raises_miou_on_real_voc_images(voc14):
     before, after, _ = bench.evaluate(ids, workers=2, root=voc14)
     assert 0.3 < before < 0.95
     assert after > before + 0.01
+
+
+def test_crf_pool_workers_die_with_a_killed_parent():
+    """kill -9 of a job must not leave its CRF worker processes behind (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, sys, time\n"
+        "from wsclip.refine.crf import crf_pool\n"
+        "pool = crf_pool(1)\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        os.kill(worker, 0)  # alive while the parent is
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            # a zombie reaped by init also counts as gone
+            try:
+                with open(f"/proc/{worker}/stat") as f:
+                    if f.read().split()[2] == "Z":
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the CRF worker outlived its killed parent")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

@@ -72,6 +72,33 @@ def test_voc14_outputs_are_the_labelers_masks(voc_reference, voc14, cam_ckpt):
     assert json.loads((out / "summary.json").read_text())["skipped_done"] == 14
 
 
+def _no_process_mentions(text: str, wait: float = 10.0) -> bool:
+    """True once no live process has `text` in its command line (zombies count as gone)."""
+    deadline = time.monotonic() + wait
+    while True:
+        alive = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if text in cmd and state != "Z":
+                alive.append(d.name)
+        if not alive:
+            return True
+        if time.monotonic() > deadline:
+            for pid in alive:  # do not leave them to the rest of the suite
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+            return False
+        time.sleep(0.1)
+
+
 def _masks(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
 
@@ -97,6 +124,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(voc_reference, v
         rc = proc.wait()
         kills.append((target, rc, len(list(out.glob("*.png")))))
     assert any(rc == -signal.SIGKILL and n < 14 for _, rc, n in kills), f"no kill landed mid-run: {kills}"
+    assert _no_process_mentions(str(out)), "decode / CRF workers outlived the killed job"
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert _masks(out) == _masks(voc_reference), f"kill points {kills}"

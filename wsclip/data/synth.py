@@ -398,8 +398,8 @@ class SynthDataset(LabeledImageDataset):
 
     def __init__(self, split: str = "train", n: int | None = None, seed: int = 0, size: int = 64, transform=None):
         super().__init__(transform)
-        if split not in ("train", "val"):
-            raise WsclipError(f"synth split must be 'train' or 'val', got '{split}'")
+        if split not in _SPLITS:
+            raise WsclipError(f"synth split must be one of {', '.join(_SPLITS)}, got '{split}'")
         self.split = split
         self.n = int(n if n is not None else (2000 if split == "train" else 200))
         self.seed = int(seed)

@@ -11,7 +11,6 @@ or mismatched CAM file is reported by name and skipped (`on_error="skip"`) or st
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, ShapeError, WsclipError
-from wsclip.refine.crf import CRFParams
+from wsclip.refine.crf import CRFParams, crf_pool
 
 __all__ = ["PseudoConfig", "stack_scores", "scores_to_mask", "pseudo_mask", "read_cams", "make_pseudo_masks"]
 
@@ -245,7 +244,7 @@ def make_pseudo_masks(
         from wsclip.refine.crf import default_workers
 
         workers = default_workers() if cfg.crf else 0
-    pool = ProcessPoolExecutor(max_workers=workers) if (cfg.crf and workers > 1) else None
+    pool = crf_pool(workers) if (cfg.crf and workers > 1) else None
     inflight: list = []
     bar = progress(total=len(todo), desc="pseudo", unit="img")
 

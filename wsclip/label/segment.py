@@ -141,9 +141,9 @@ def segment(
 
     pool = None
     if crf and crf_workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from wsclip.refine.crf import crf_pool
 
-        pool = ProcessPoolExecutor(max_workers=crf_workers)
+        pool = crf_pool(crf_workers)
     pending: deque = deque()
     try:
         for image_id, image in progress(loader, total=len(todo), desc="segment", unit="img"):

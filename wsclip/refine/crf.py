@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from wsclip.errors import MissingExtraError, ShapeError
+from wsclip.workers import die_with_parent
 
 #: BGR Caffe/ImageNet mean of the public CLIP-ES code, here in RGB order (uint8 compat only)
 _COMPAT_MEAN_RGB = np.array([122.675, 116.669, 104.008], dtype=np.float64)
@@ -94,6 +95,14 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def crf_pool(workers: int, spawn: bool = False) -> ProcessPoolExecutor:
+    """Worker processes for CRF jobs (pydensecrf holds the GIL); they exit with their parent."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn") if spawn else None
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent)
+
+
 def dense_crf_many(
     images: Iterable[np.ndarray],
     probs: Iterable[np.ndarray],
@@ -108,7 +117,7 @@ def dense_crf_many(
         for job in jobs:
             yield _crf_job(job)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with crf_pool(workers) as pool:
         yield from pool.map(_crf_job, jobs, chunksize=1)
 
 

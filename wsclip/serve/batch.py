@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -36,6 +36,7 @@ import torch
 
 from wsclip.errors import DatasetLayoutError, MissingFileError, WsclipError
 from wsclip.serve.labelers import LabelerConfig, LabelResult, host_image
+from wsclip.workers import die_with_parent
 
 MANIFEST = "manifest.jsonl"
 CONFIG_FILE = "label_config.json"
@@ -499,9 +500,9 @@ def _make_pool(n: int, crf: bool) -> Executor | None:
     if n <= 0:
         return None
     if crf:  # pydensecrf holds the GIL: processes
-        import multiprocessing as mp
+        from wsclip.refine.crf import crf_pool
 
-        return ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"))
+        return crf_pool(n, spawn=True)
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="wsclip-post")
 
 
@@ -569,8 +570,8 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     order = [i for w in wins for i in w]
     loader = torch.utils.data.DataLoader(
         _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
-        collate_fn=_identity, prefetch_factor=(2 * window // max(1, run.workers) + 1) if run.workers > 0 else None,
-        persistent_workers=False)
+        collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
+        prefetch_factor=(2 * window // max(1, run.workers) + 1) if run.workers > 0 else None)
     pool = _make_pool(run.post_workers, opts.crf)
     pending: deque[tuple[str, Future | dict]] = deque()
     counts = {"labelled": 0, "errors": 0}
