@@ -48,6 +48,7 @@ def test_perfect_cams_score_one_and_activate_no_background(tmp_path):
     r = cam_metrics(tmp_path, _Val(masks), backgrounds, fa_margin=0)
     assert r["cam_miou"] == pytest.approx(1.0)
     assert r["co_bg_fa"] == 0.0
+    assert r["object_coverage"] == 1.0
     # boat on its water (400 - 30 bg px) + bird on its sky (400 - 16 - 40); the car is not on its road
     assert r["co_bg_pixels"] == (400 - 30) + (400 - 56)
 
@@ -64,6 +65,8 @@ def test_background_activation_counts_only_the_preferred_background_away_from_ob
     far = [_far(m, 2) for m in masks]
     assert r["co_bg_pixels"] == far[0].sum() + far[1].sum()
     assert r["co_bg_fa"] == pytest.approx(far[0].sum() / (far[0].sum() + far[1].sum()))
+    # coverage: the boat (30 px) and the car (40 px) are covered, the bird's 0.1 map (16 px) is not
+    assert r["object_coverage"] == pytest.approx(70 / 86)
 
 
 def _far(mask, margin):

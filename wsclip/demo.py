@@ -17,7 +17,10 @@ Stages (each resumable: a re-run skips finished outputs under `out`):
 Co-occurring-background false activation ("co-bg FA"): for each val image and each class c
 present whose preferred background (SYNTH_PREFERRED) is the image's background, the share of
 ground-truth background pixels at least `fa_margin` px away from every object where c's CAM
-exceeds `fa_threshold`; pooled over all such (image, class) pairs.
+exceeds `fa_threshold`; pooled over all such (image, class) pairs. Its counterpart "object
+coverage" is the share of ground-truth object pixels where the object's own class CAM exceeds
+`fa_threshold` (pooled over every present class): a map that switches off everywhere has no
+co-bg FA and no coverage either.
 """
 
 from __future__ import annotations
@@ -228,6 +231,7 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
     cms = {t: ConfusionMatrix(k + 1) for t in thresholds}
     hits = {t: 0 for t in (*thresholds, fa_threshold)}
     pixels = 0
+    covered = object_pixels = 0
     cam_dir = Path(cam_dir)
     for n, image_id in enumerate(val.ids):
         z = read_cam_file(cam_dir / f"{image_id}.npz")
@@ -243,6 +247,9 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
         far = ~ndimage.binary_dilation(gt != 0, iterations=fa_margin) if fa_margin > 0 else gt == 0
         far &= gt == 0
         for j, c in enumerate(keys):
+            own = cams[j][gt == c + 1]
+            covered += int((own > fa_threshold).sum())
+            object_pixels += own.size
             if SYNTH_PREFERRED.get(int(c)) != backgrounds[image_id] or not far.any():
                 continue
             vals = cams[j][far]
@@ -254,7 +261,8 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
     fa = {t: (hits[t] / pixels if pixels else float("nan")) for t in hits}
     return {"miou_by_threshold": miou, "threshold": best_t, "cam_miou": miou[best_t],
             "cam_iou": cms[best_t].to_dict(["background", *val.classes])["iou"],
-            "co_bg_fa": fa[fa_threshold], "co_bg_fa_at_best": fa[best_t], "co_bg_pixels": pixels}
+            "co_bg_fa": fa[fa_threshold], "co_bg_fa_at_best": fa[best_t], "co_bg_pixels": pixels,
+            "object_coverage": covered / object_pixels if object_pixels else float("nan")}
 
 
 def mask_miou(pred_dir, world: Path) -> float:
