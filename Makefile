@@ -22,8 +22,10 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wsclip demo
 
+# pytest's exit 5 (no test collected) is a failure too; make turns any non-zero status into its own
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@rc=0; $(BIN)/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

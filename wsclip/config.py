@@ -183,10 +183,12 @@ PRESETS: dict[type, dict[str, dict[str, Any]]] = {
         "voc-official": dict(
             _VOC, lr=2.5e-4, batch_size=16, epochs=15, alpha=10.0, beta=24.0, gamma=1.0, delta=0.2,
             tau=0.26, text="voc", class_names=vocab.CLIMS_VOC_NAMES, background=vocab.CLIMS_VOC_BACKGROUND,
+            mask_norm="imagenet",  # the public code masks ImageNet-normalised pixels (METHODS.md section 3)
         ),
         "coco-official": dict(
             _COCO, lr=5e-4, batch_size=32, epochs=8, alpha=2.0, beta=14.0, gamma=1.25, delta=0.2,
             tau=0.285, text="coco", class_names=vocab.COCO_CLASSES, background=vocab.CLIMS_COCO_BACKGROUND,
+            mask_norm="imagenet",
         ),
         "voc-paper": dict(
             _VOC, lr=2.5e-4, batch_size=16, epochs=15, alpha=10.0, beta=25.0, gamma=29.5, delta=1.15,

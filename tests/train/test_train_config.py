@@ -16,10 +16,12 @@ def test_clims_presets_match_methods():
     assert (voc.lr, voc.batch_size, voc.epochs, voc.head_lr_mult) == (2.5e-4, 16, 15, 10)
     assert voc.background == vocab.CLIMS_VOC_BACKGROUND and voc.class_names[14] == "player"
     assert voc.preset == "voc-official" and voc.sync_bn
+    # the official presets reproduce the public code's ImageNet-normalised masked inputs; the paper one is clean
+    assert voc.mask_norm == "imagenet" and from_preset(ClimsConfig, "voc-paper").mask_norm == "clip"
     coco = from_preset(ClimsConfig, "coco-official")
     assert (coco.alpha, coco.beta, coco.gamma, coco.delta, coco.tau) == (2, 14, 1.25, 0.2, 0.285)
     assert (coco.lr, coco.batch_size, coco.epochs) == (5e-4, 32, 8)
-    assert len(coco.background) == 88 and coco.class_names == vocab.COCO_CLASSES
+    assert len(coco.background) == 88 and coco.class_names == vocab.COCO_CLASSES and coco.mask_norm == "imagenet"
     paper = from_preset(ClimsConfig, "voc-paper")
     assert (paper.alpha, paper.beta, paper.gamma, paper.delta) == (10, 25, 29.5, 1.15)
     assert paper.background_per_class["boat"] == ["river", "water", "lake", "sea", "building"]

@@ -234,6 +234,10 @@ def make_pseudo_masks(
     if ds is None and irn is not None:
         raise WsclipError("--irn computes boundary maps from the images: pass the dataset with --data")
     edges = _edge_source(irn, edges_dir, device)
+    if edges is not None:
+        from wsclip.train.loop import resolve_device
+
+        rw_device = resolve_device(device)  # the random walk runs where the user asked (Triton on CUDA)
     need_image = cfg.crf or irn is not None
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (out / f"{i}.png").is_file()]
@@ -272,7 +276,7 @@ def make_pseudo_masks(
                         )
                 if edges is not None:
                     low = cam["file"].get("cam") if cfg.key == "high_res" else None  # "cam" pairs with "high_res"
-                    scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=low)
+                    scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=low, device=rw_device)
                 else:
                     scores = stack_scores(cam["cams"], cfg)
             except (BadFileError, MissingFileError) as exc:

@@ -6,6 +6,7 @@ the checkpoint CLIMS starts from (<out>/camnet.safetensors).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -60,12 +61,15 @@ def trainer_kwargs(cfg: TrainConfig) -> dict:
 def train_cam(cfg: CamConfig, resume: bool = False, dataset=None, callbacks: Iterable = ()) -> Path:
     """Train the baseline CAM network; returns the path of the final checkpoint."""
     from wsclip.models.camnet import build_camnet, save_camnet
-    from wsclip.train.loop import Trainer, seed_everything
+    from wsclip.train.loop import Trainer, rank, seed_everything
 
     cfg.validate()
     ds = dataset if dataset is not None else open_train_dataset(cfg)
     seed_everything(cfg.seed)
     net = build_camnet(cfg.backbone, len(ds.classes), cfg.pretrained)
+    if not cfg.pretrained and cfg.backbone != "tiny" and rank() == 0:
+        print(f"note: the {cfg.backbone} backbone starts from random weights; the papers start from ImageNet: "
+              "pass --pretrained FILE (a torchvision state dict)", file=sys.stderr)
     if cfg.freeze_bn:
         net.freeze_bn()
     back, head = net.param_groups()

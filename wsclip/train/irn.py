@@ -412,7 +412,7 @@ def train_irn(cfg, resume: bool = False, dataset=None, callbacks: Iterable = ())
         log_every=cfg.log_every, sync_bn=False, device=cfg.device, num_workers=cfg.num_workers,
         collate_fn=collate,
     )
-    if trainer.is_main:
+    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
         save_yaml(cfg, out / "config.yaml")
     model = trainer.fit(resume=resume)
     final = out / FINAL_NAME

@@ -249,7 +249,7 @@ def train_qa_clims(cfg: QaClimsConfig, resume: bool = False, dataset=None, clip=
         **trainer_kwargs(cfg),
     )
     out = Path(cfg.out)
-    if trainer.is_main:
+    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
         save_yaml(cfg, out / "config.yaml")
     model = trainer.fit(resume=resume)
     final = out / FINAL_NAME
