@@ -274,6 +274,14 @@ def _add_cam(sub):
     p.add_argument("--no-caa", action="store_true", help="[clip-es] plain GradCAM maps, no CAA refinement")
     p.add_argument("--box-threshold", type=float, help="[clip-es] CAA box threshold (default 0.4; 0.7 for COCO)")
     p.add_argument("--template", help="[clip-es] prompt template with {} (default 'a clean origami {}.')")
+    p.add_argument("--pooling", choices=("tokens", "mean"), default="tokens",
+                   help="[clip-es] image embedding: tokens = ln_post per patch token, then mean (public code); "
+                        "mean = ln_post of the mean token (the METHODS.md wording)")
+    p.add_argument("--caa-layers", type=int, help="[clip-es] last blocks whose attention CAA averages (default 8 of 12)")
+    p.add_argument("--box-compat", action="store_true",
+                   help="[clip-es] the public code's box masks (uint8 threshold, exclusive far box edges)")
+    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="[clip-es] CAA kernels: auto = Triton on CUDA, PyTorch elsewhere")
     p.set_defaults(func=_run_cam)
 
 
@@ -299,7 +307,8 @@ def _run_cam(args):
         if args.clip is None:
             raise WsclipError("--method clip-es needs --clip (a CLIP ViT checkpoint, e.g. ViT-B-16.pt)")
         cfg = ClipEsConfig(caa=not args.no_caa, box_threshold=args.box_threshold, template=args.template,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, pooling=args.pooling, caa_layers=args.caa_layers,
+                           box_compat=args.box_compat, backend=args.backend)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers)
         print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")

@@ -86,8 +86,49 @@ def test_missing_tensorrt_is_a_clear_error(cam_onnx, tmp_path, capsys):
 
     with pytest.raises(MissingExtraError, match=r"wsclip\[trt\]"):
         build_engine(cam_onnx, tmp_path / "cam.engine")
+    engine = _fake_engine(tmp_path / "fake.engine")
     with pytest.raises(MissingExtraError, match=r"wsclip\[trt\]"):
-        TrtRunner(tmp_path / "cam.engine")
+        TrtRunner(engine)
     assert main(["export", "trt", "--onnx", str(cam_onnx), "--out", str(tmp_path / "cam.engine")]) == 2
     assert "wsclip[trt]" in capsys.readouterr().err
     assert not (tmp_path / "cam.engine").exists()
+
+
+def _fake_engine(path):
+    """Engine bytes with a matching sidecar (what `wsclip export trt` writes), for checks that need no TensorRT."""
+    import hashlib
+    import json
+
+    from wsclip.export.onnx import SIDECAR_KIND, sidecar_of
+
+    data = b"not really a TensorRT plan" * 10
+    path.write_bytes(data)
+    meta = dict(ENGINE, **CAM_META, kind=SIDECAR_KIND, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                profile=make_profile(CAM_META))
+    sidecar_of(path).write_text(json.dumps(meta))
+    return path
+
+
+def test_bad_engine_files_are_reported_before_tensorrt_is_needed(tmp_path):
+    from wsclip.errors import MissingFileError
+    from wsclip.export.tensorrt import TrtRunner
+
+    with pytest.raises(MissingFileError, match="not found"):
+        TrtRunner(tmp_path / "missing.engine")
+    engine = _fake_engine(tmp_path / "cam.engine")
+    engine.write_bytes(engine.read_bytes()[:-7])  # truncated after the build
+    with pytest.raises(BadFileError, match="truncated"):
+        TrtRunner(engine)
+
+
+def test_parity_cases_stay_inside_an_engine_profile(voc14):
+    from wsclip.export.parity import _random_cases, _real_cases
+
+    meta = dict(CAM_META, classes=[f"c{i}" for i in range(20)], profile=make_profile(CAM_META, 1, 8, 32))
+    (lo, opt, hi) = meta["profile"]["images"]
+    cases = list(_random_cases(meta, 3, seed=1)) + list(_real_cases(meta, voc14, 4, None))
+    assert len(cases) > 3
+    for _name, x, labels, _size in cases:
+        check_in_profile(meta["profile"], {"images": x.shape})
+    assert all(x.shape[0] != opt[0] for _, x, _, _ in cases[:3])  # random batches differ from the optimal one
+    assert {x.shape[2:] for _, x, _, _ in cases[3:]} == {(512, 512)}  # 513 px VOC images scaled into the profile

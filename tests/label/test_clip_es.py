@@ -101,6 +101,21 @@ def test_batched_gradcam_and_caa_equal_per_class_reference(clip):
     assert batched["raw"][1, 1:].abs().max() == 0  # empty slots are zero
 
 
+def test_image_embedding_poolings(clip):
+    """'tokens' (default, public code): proj(mean(ln_post(token))); 'mean' (METHODS.md text): proj(ln_post(mean))."""
+    rng = np.random.default_rng(2)
+    pixels = ClipEs(clip, VOC_CLASSES).preprocess(rng.integers(0, 256, (29, 35, 3), dtype=np.uint8))[None]
+    trace = clip.vit_forward(pixels, attn_layers=[])
+    visual = clip.model.visual
+    patches = trace.tokens[:, 1:]
+    expected = {"tokens": visual.ln_post(patches).mean(1) @ visual.proj,
+                "mean": visual.ln_post(patches.mean(1)) @ visual.proj}
+    for pooling, ref in expected.items():
+        got = ClipEs(clip, VOC_CLASSES, ClipEsConfig(pooling=pooling)).image_embedding(trace)
+        torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-6)
+    assert (expected["tokens"] - expected["mean"]).abs().max() > 1e-4  # the two really differ
+
+
 def test_sizes_empty_labels_and_no_caa(clip):
     es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, caa=False))
     rng = np.random.default_rng(1)
@@ -180,6 +195,25 @@ def test_cli_cam_clip_es_writes_cams_and_resumes(tmp_path, voc14):
         assert z["cam"].shape == (2, 3, 4) and z["high_res"].shape == (2, 45, 61)
         np.testing.assert_array_equal(z["high_res_raw"], orig["high_res_raw"])
         assert np.abs(z["high_res"].astype(np.float32) - orig["high_res"].astype(np.float32)).mean() < 0.1
+
+
+def test_cli_clip_es_flags_reach_the_config(tmp_path, voc14):
+    ids = ["2009_000573"]
+    data = _tiny_voc(tmp_path / "voc", voc14, ids, size=(45, 61))
+    ckpt = tmp_path / "tiny.safetensors"
+    c = tiny_clip(patch=16)
+    save_clip(ckpt, c, c.model_cfg, "tiny-vit")
+    flags = ["--pooling", "mean", "--caa-layers", "1", "--box-compat", "--backend", "torch", "--box-threshold", "0.5"]
+    assert main(["cam", "--method", "clip-es", "--clip", str(ckpt), "--data", str(data), "--split", "val",
+                 "--out", str(tmp_path / "cli"), "--device", "cpu", "--workers", "0", *flags]) == 0
+    cfg = ClipEsConfig(pooling="mean", caa_layers=1, box_compat=True, backend="torch", box_threshold=0.5)
+    make_clip_es_cams(ckpt, str(data), tmp_path / "api", split="val", cfg=cfg, device="cpu", num_workers=0)
+    default = tmp_path / "default"
+    make_clip_es_cams(ckpt, str(data), default, split="val", cfg=ClipEsConfig(), device="cpu", num_workers=0)
+    with np.load(tmp_path / "cli" / "2009_000573.npz") as a, np.load(tmp_path / "api" / "2009_000573.npz") as b, \
+            np.load(default / "2009_000573.npz") as d:
+        np.testing.assert_array_equal(a["high_res"], b["high_res"])
+        assert not np.array_equal(a["high_res"], d["high_res"])  # the flags changed something
 
 
 def test_make_cams_resume_after_interrupt(tmp_path, voc14, clip):

@@ -216,19 +216,46 @@ def open_labeler(path, device="cpu", **kw):
                       f"sidecar), an .onnx export or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
 
 
+def _profile_of(meta: dict):
+    """(min, opt, max) shapes of the first input for a TensorRT engine's optimisation profile, else None."""
+    profile = meta.get("profile") or {}
+    return profile.get(meta["inputs"][0]["name"])
+
+
+def _random_batch(meta: dict, i: int) -> int:
+    """Case i's batch size: other than the traced (or profile-optimal) one, inside an engine's profile."""
+    prof = _profile_of(meta)
+    if prof is None:
+        return int((meta.get("traced") or {}).get("batch") or 1) + 1 + i
+    (lo, opt, hi) = (int(s[0]) for s in prof)
+    for b in (opt + 1 + i, opt - 1 - i, hi, lo):
+        if lo <= b <= hi:
+            return b
+    return opt
+
+
+def _random_side(rng, meta: dict, axis: int) -> int:
+    """An odd height/width (not a multiple of the stride): 33..129, or inside an engine's profile."""
+    prof = _profile_of(meta)
+    if prof is None:
+        return int(rng.integers(33, 130)) | 1
+    lo, hi = int(prof[0][axis]), int(prof[2][axis])
+    side = int(rng.integers(lo, hi + 1)) | 1
+    return side if side <= hi else hi
+
+
 def _random_cases(meta: dict, n: int, seed: int):
-    """(name, x, labels) random batches with a batch size other than the traced one."""
+    """(name, x, labels) random batches with a batch size other than the traced one (inside an engine's profile)."""
     rng = np.random.default_rng(seed)
-    traced = int((meta.get("traced") or {}).get("batch") or 1)
     spec = meta["inputs"][0]
     for i in range(n):
-        b = traced + 1 + i
+        b = _random_batch(meta, i)
         dims = []
-        for d in spec["shape"]:
+        for axis, d in enumerate(spec["shape"]):
             if d == "batch":
                 dims.append(b)
             elif d in ("height", "width"):
-                dims.append(int(rng.integers(33, 130)) | 1)  # odd sizes, not multiples of the stride
+                dims.append(_random_side(rng, meta, axis))
             else:
                 dims.append(int(d))
         if spec["dtype"] == "uint8":
@@ -266,12 +293,15 @@ def _real_cases(meta: dict, images, batch: int, limit: int | None):
     if spec["name"] != "images":
         raise WsclipError(f"--images does not apply to the '{meta['model']}' model (its input is {spec['name']})")
     fixed = None if isinstance(spec["shape"][2], str) else (int(spec["shape"][2]), int(spec["shape"][3]))
+    prof = _profile_of(meta)
     with_labels = any(s["name"] == "labels" for s in meta["inputs"])
     items = list(_read_images(images, meta.get("classes") if with_labels else None, limit))
     groups: dict[tuple, list] = {}
     for img, labels in items:
         if fixed is not None:
             img = resize_image(img, fixed)
+        elif prof is not None:  # an engine: scale into its profile's height/width range, keeping the aspect
+            img = resize_image(img, _fit_into(img.shape[:2], prof[0][2:], prof[2][2:]))
         groups.setdefault(img.shape[:2], []).append((img.transpose(2, 0, 1), labels))
     name = f"real ({len(items)} images{', their labels' if any(lb is not None for _, lb in items) else ''})"
     for hw, group in groups.items():
@@ -281,6 +311,14 @@ def _real_cases(meta: dict, images, batch: int, limit: int | None):
             if all(lb is not None for _, lb in chunk):
                 labels = np.stack([lb for _, lb in chunk]).astype(np.float32)
             yield name, np.stack([im for im, _ in chunk]), labels, f"{hw[0]}x{hw[1]}"
+
+
+def _fit_into(hw, lo, hi) -> tuple[int, int]:
+    """(h, w) scaled so that both sides lie in [lo, hi] where the aspect allows (then clamped)."""
+    h, w = (int(v) for v in hw)
+    s = min(1.0, hi[0] / h, hi[1] / w)
+    s = max(s, lo[0] / h, lo[1] / w)
+    return (min(max(round(h * s), int(lo[0])), int(hi[0])), min(max(round(w * s), int(lo[1])), int(hi[1])))
 
 
 def _read_images(images, classes, limit):

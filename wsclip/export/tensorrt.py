@@ -215,9 +215,9 @@ class TrtRunner(ArtefactRunner):  # pragma: no cover - needs TensorRT and a GPU
     def __init__(self, path, device: int = 0, cuda_graphs: bool = False, strict_gpu: bool = True):
         from wsclip.export.onnx import verify_artefact
 
-        trt = _trt()
         self.path = Path(path)
-        meta = verify_artefact(self.path)
+        meta = verify_artefact(self.path)  # a corrupt or swapped file is reported before TensorRT is needed
+        trt = _trt()
         check_engine_metadata(meta, engine_environment(device), strict_gpu, self.path)
         super().__init__(meta)
         self.device = torch.device("cuda", device)

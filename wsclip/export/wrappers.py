@@ -209,10 +209,8 @@ def _clip_text_spec(checkpoint, *, dynamic_hw=False, hw=None, input_dtype=None, 
 
 
 def _seg_spec(checkpoint, *, dynamic_hw=True, hw=(513, 513), input_dtype="uint8", **options) -> ModelSpec:
-    try:
-        from wsclip.label.seg_labeler import load_seg_labeler
-    except ImportError as exc:  # pragma: no cover - until the segmentation network lands
-        raise WsclipError(f"segmentation export is not available in this build: {exc}") from exc
+    from wsclip.label.seg_labeler import load_seg_labeler
+
     lab = load_seg_labeler(checkpoint, **options)
     c = len(lab.classes) + 1
     return ModelSpec(
