@@ -133,15 +133,20 @@ def test_bad_requests_get_4xx(server, jpeg):
     assert post(jpeg, params={"labels": "cat"}).status_code == 200
 
 
+def _concurrent_posts(srv, jpeg: bytes, n: int) -> list:
+    """n label requests at once, each from its own client."""
+    def one(_):
+        with httpx.Client(base_url=srv.url, timeout=120) as c:
+            return c.post("/v1/label", content=jpeg, headers={"content-type": "image/jpeg"},
+                          params={"labels": "aeroplane"})
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
 def test_overload_gives_429_then_recovers(labeler, jpeg):
     with _server(labeler, max_queue=1, max_batch_size=1, max_queue_delay_ms=0, retry_after_s=2) as srv:
-        def one(_):
-            with httpx.Client(base_url=srv.url, timeout=120) as c:
-                return c.post("/v1/label", content=jpeg, headers={"content-type": "image/jpeg"},
-                              params={"labels": "aeroplane"})
-
-        with ThreadPoolExecutor(16) as pool:
-            responses = list(pool.map(one, range(16)))
+        responses = _concurrent_posts(srv, jpeg, 16)
         codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 429, 503} and 200 in codes
         busy = [r for r in responses if r.status_code in (429, 503)]
@@ -153,6 +158,22 @@ def test_overload_gives_429_then_recovers(labeler, jpeg):
         assert r.status_code == 200
         metrics = c.get("/metrics").text
         assert 'wsclip_requests_total{endpoint="label",status="429"}' in metrics
+
+
+def test_too_many_open_requests_get_503_with_retry_after(labeler, jpeg):
+    """Past max_connections open requests: 503 + Retry-After from wsclip (counted), not a bare uvicorn 503."""
+    with _server(labeler, max_queue=64, max_batch_size=1, max_queue_delay_ms=0, max_connections=2,
+                 retry_after_s=3) as srv:
+        responses = _concurrent_posts(srv, jpeg, 10)
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 503} and 200 in codes and 503 in codes, codes
+        assert all(r.headers.get("retry-after") == "3" for r in responses if r.status_code == 503)
+        c = httpx.Client(base_url=srv.url, timeout=60)
+        assert c.get("/health/live").status_code == 200  # health stays reachable under overload
+        metrics = c.get("/metrics").text
+        assert 'wsclip_requests_total{endpoint="label",status="503"}' in metrics
+        r = c.post("/v1/label", content=jpeg, headers={"content-type": "image/jpeg"}, params={"labels": "1"})
+        assert r.status_code == 200
 
 
 def test_bearer_token(labeler, jpeg):

@@ -449,8 +449,12 @@ class LabelRunConfig:
     extra: dict = field(default_factory=dict)
 
 
-def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: ImageSource) -> dict:
-    """What the outputs depend on; a resumed run must match it."""
+def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: ImageSource, decoder: str) -> dict:
+    """What the outputs depend on; a resumed run must match it.
+
+    `decoder`: "pil" or "nvjpeg" (GPU JPEG decoding differs from PIL's by a few levels per pixel,
+    so a run is never resumed with the other one).
+    """
     from wsclip.io import file_sha256
 
     lab = asdict(cfg)
@@ -461,7 +465,7 @@ def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: Imag
             lab[key] = {"path": str(lab[key]), "sha256": file_sha256(lab[key]) if Path(lab[key]).is_file() else None}
     lab["scales"] = list(lab["scales"])
     return {"labeler": lab, "window": window, "cams": run.cams, "overlays": run.overlays, "rle": run.rle,
-            "labels": "given" if source.has_labels else "predicted"}
+            "labels": "given" if source.has_labels else "predicted", "decoder": decoder}
 
 
 def _prepare_out(out: Path, settings: dict, restart: bool):
@@ -549,7 +553,8 @@ def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split:
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
     window = int(run.window or 4 * labeler.batch_size)
     out = Path(run.out)
-    settings = _settings(labeler_cfg, run, window, source)
+    decoder = "nvjpeg" if labeler.device.type == "cuda" and run.decode in ("auto", "gpu") else "pil"
+    settings = _settings(labeler_cfg, run, window, source, decoder)
     lock = _prepare_out(out, settings, run.restart)
     try:
         return _run(labeler, source, run, out, window, progress, on_image)

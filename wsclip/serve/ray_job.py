@@ -101,7 +101,7 @@ def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, sp
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
     window = int(run.window or 4 * probe.batch_size)
     out = Path(run.out)
-    lock = _prepare_out(out, _settings(labeler_cfg, run, window, source), run.restart)
+    lock = _prepare_out(out, _settings(labeler_cfg, run, window, source, "pil"), run.restart)  # actors decode with PIL
     started = False
     try:
         manifest = Manifest(out / MANIFEST)

@@ -17,7 +17,9 @@ set), 408 body not received in time, 413 body or image pixels over the limits (d
 bombs included: the pixel count is checked from the header before decoding), 415 a content type
 that is not an image, 422 bad options, 429 queue full and 503 not ready / draining (both with
 Retry-After), 504 no result within the request timeout. Requests go through a `DynamicBatcher`;
-uvicorn's `limit_concurrency` caps open connections, so the backlog is always bounded. SIGTERM
+at most `max_connections` requests are open at once (more get 503 with Retry-After, counted in the
+metrics; health and metrics requests are exempt), and uvicorn's `limit_concurrency` backs that
+up, so the backlog is always bounded. SIGTERM
 stops accepting, marks the server not ready, finishes in-flight requests, then exits.
 """
 
@@ -64,7 +66,7 @@ class ServeConfig:
     retry_after_s: int = 1
     warmup_hw: tuple[int, int] = (64, 64)
     graceful_timeout_s: int = 30
-    max_connections: int | None = None   # default: 2 * max_queue + 32
+    max_connections: int | None = None   # open requests at once (default: 2 * max_queue + 32)
     exit_on_load_failure: bool = True    # a server whose model cannot load exits (else: stays up, not ready)
 
 
@@ -302,6 +304,7 @@ class _Guard:
         self.app, self.svc = app, svc
         self.routes = {"/v1/label": "label", "/v1/label/batch": "batch", "/metrics": "metrics",
                        "/health/live": "live", "/health/ready": "ready"}
+        self.open = 0  # requests in progress that count against max_connections
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -310,6 +313,9 @@ class _Guard:
         endpoint = self.routes.get(scope.get("path", ""), "other")
         status = {"code": 500}
         started = {"v": False}
+        counted = endpoint not in ("metrics", "live", "ready")
+        if counted:
+            self.open += 1
 
         async def send_wrapped(msg):
             if msg["type"] == "http.response.start":
@@ -320,6 +326,9 @@ class _Guard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             err = self._precheck(scope.get("path", ""), headers)
+            if err is None and counted and self.open > connection_cap(self.svc.cfg):
+                err = ApiError(503, "too many open requests; retry later",
+                               {"Retry-After": str(self.svc.cfg.retry_after_s), "Connection": "close"})
             if err is not None:
                 if err.status == 413:
                     await _drain(receive, 4 * self.svc.cfg.max_body_bytes)
@@ -349,6 +358,8 @@ class _Guard:
                 log.exception("unhandled error")
                 await _send_error(send_wrapped, ApiError(500, f"internal error: {type(exc).__name__}"))
         finally:
+            if counted:
+                self.open -= 1
             m = self.svc.metrics
             m.requests.labels(endpoint, str(status["code"])).inc()
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -604,6 +615,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def connection_cap(cfg: ServeConfig) -> int:
+    """Requests open at once before new ones get 503 (the label endpoints; health and metrics are exempt)."""
+    return int(cfg.max_connections or (2 * cfg.max_queue + 32))
+
+
 def _uvicorn_server(app, cfg: ServeConfig, log_level: str = "warning"):
     uvicorn = require("uvicorn", "serve", "wsclip serve")
     svc: Service = app.state.service
@@ -614,7 +630,7 @@ def _uvicorn_server(app, cfg: ServeConfig, log_level: str = "warning"):
             super().handle_exit(sig, frame)
 
     conf = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=cfg.graceful_timeout_s,
-                          limit_concurrency=cfg.max_connections or (2 * cfg.max_queue + 32), timeout_keep_alive=5,
+                          limit_concurrency=2 * connection_cap(cfg) + 16, timeout_keep_alive=5,  # backstop
                           lifespan="on", access_log=False)
     server = _Server(conf)
 
