@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from wsclip.data.synth import SYNTH_CLASSES, SYNTH_PREFERRED
-from wsclip.demo import VARIANTS, DemoConfig, _check_out, cam_metrics, format_table, loss_weights, slug
+from wsclip.demo import VARIANTS, DemoConfig, _check_out, cam_metrics, format_table, loss_weights, ranking_auc, slug
 from wsclip.errors import WsclipError
 from wsclip.label.clims_cam import write_cam_file
 
@@ -48,7 +48,7 @@ def test_perfect_cams_score_one_and_activate_no_background(tmp_path):
     r = cam_metrics(tmp_path, _Val(masks), backgrounds, fa_margin=0)
     assert r["cam_miou"] == pytest.approx(1.0)
     assert r["co_bg_fa"] == 0.0
-    assert r["object_coverage"] == 1.0
+    assert r["object_coverage"] == 1.0 and r["object_auc"] == 1.0
     # boat on its water (400 - 30 bg px) + bird on its sky (400 - 16 - 40); the car is not on its road
     assert r["co_bg_pixels"] == (400 - 30) + (400 - 56)
 
@@ -67,6 +67,15 @@ def test_background_activation_counts_only_the_preferred_background_away_from_ob
     assert r["co_bg_fa"] == pytest.approx(far[0].sum() / (far[0].sum() + far[1].sum()))
     # coverage: the boat (30 px) and the car (40 px) are covered, the bird's 0.1 map (16 px) is not
     assert r["object_coverage"] == pytest.approx(70 / 86)
+    assert r["object_auc"] == pytest.approx(0.5)  # constant maps rank nothing
+
+
+def test_ranking_auc_matches_the_pair_count():
+    rng = np.random.default_rng()
+    pos, neg = rng.integers(0, 5, 37).astype(float), rng.integers(0, 5, 23).astype(float)  # many ties
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert ranking_auc(pos, neg) == pytest.approx(pairs)
+    assert ranking_auc(np.ones(3), np.zeros(4)) == 1.0 and ranking_auc(np.zeros(3), np.ones(4)) == 0.0
 
 
 def _far(mask, margin):

@@ -20,7 +20,9 @@ ground-truth background pixels at least `fa_margin` px away from every object wh
 exceeds `fa_threshold`; pooled over all such (image, class) pairs. Its counterpart "object
 coverage" is the share of ground-truth object pixels where the object's own class CAM exceeds
 `fa_threshold` (pooled over every present class): a map that switches off everywhere has no
-co-bg FA and no coverage either.
+co-bg FA and no coverage either. "Object AUC" needs no threshold: for each present class, the
+probability that a random pixel of that class's objects scores higher in its CAM than a random
+ground-truth background pixel (ties count half), averaged over (image, class) pairs; 0.5 is chance.
 """
 
 from __future__ import annotations
@@ -197,15 +199,21 @@ def train_baseline(cfg: DemoConfig, world: Path, runs: Path) -> Path:
     return _fit(train_cam, c)
 
 
-def train_variant(cfg: DemoConfig, variant: str, world: Path, runs: Path, init: Path, clip_file: Path, clip) -> Path:
-    """CLIMS from the baseline checkpoint with one loss variant; returns the final checkpoint."""
+def train_variant(cfg: DemoConfig, variant: str, world: Path, runs: Path, init: Path | None, clip_file: Path, clip,
+                  steps: int | None = None) -> Path:
+    """CLIMS with one loss variant from the baseline checkpoint (`init`; None: from random weights).
+
+    Returns the final checkpoint; `steps` defaults to cfg.clims_steps.
+    """
     from wsclip.config import ClimsConfig, from_preset
     from wsclip.train.clims import train_clims
 
-    c = from_preset(ClimsConfig, "synth", data=f"voc:{world}", split="train", out=str(runs / slug(f"CLIMS {variant}")),
-                    max_steps=cfg.clims_steps, batch_size=cfg.batch_size, lr=cfg.clims_lr, seed=cfg.tseed,
-                    init=str(init), clip=str(clip_file), tau=cfg.tau, text="synth", device="cpu",
-                    num_workers=cfg.workers, ckpt_every=max(50, cfg.clims_steps // 3), **loss_weights(cfg, variant))
+    steps = int(steps or cfg.clims_steps)
+    name = slug(f"CLIMS {variant}") + ("" if init else "-scratch")
+    c = from_preset(ClimsConfig, "synth", data=f"voc:{world}", split="train", out=str(runs / name),
+                    max_steps=steps, batch_size=cfg.batch_size, lr=cfg.clims_lr, seed=cfg.tseed,
+                    init=str(init) if init else None, clip=str(clip_file), tau=cfg.tau, text="synth", device="cpu",
+                    num_workers=cfg.workers, ckpt_every=max(50, steps // 3), **loss_weights(cfg, variant))
     return _fit(train_clims, c, clip=clip)
 
 
@@ -232,6 +240,7 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
     hits = {t: 0 for t in (*thresholds, fa_threshold)}
     pixels = 0
     covered = object_pixels = 0
+    aucs: list[float] = []
     cam_dir = Path(cam_dir)
     for n, image_id in enumerate(val.ids):
         z = read_cam_file(cam_dir / f"{image_id}.npz")
@@ -250,6 +259,8 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
             own = cams[j][gt == c + 1]
             covered += int((own > fa_threshold).sum())
             object_pixels += own.size
+            if own.size and (gt == 0).any():
+                aucs.append(ranking_auc(own, cams[j][gt == 0]))
             if SYNTH_PREFERRED.get(int(c)) != backgrounds[image_id] or not far.any():
                 continue
             vals = cams[j][far]
@@ -262,7 +273,17 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
     return {"miou_by_threshold": miou, "threshold": best_t, "cam_miou": miou[best_t],
             "cam_iou": cms[best_t].to_dict(["background", *val.classes])["iou"],
             "co_bg_fa": fa[fa_threshold], "co_bg_fa_at_best": fa[best_t], "co_bg_pixels": pixels,
-            "object_coverage": covered / object_pixels if object_pixels else float("nan")}
+            "object_coverage": covered / object_pixels if object_pixels else float("nan"),
+            "object_auc": float(np.mean(aucs)) if aucs else float("nan")}
+
+
+def ranking_auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(a random `pos` value > a random `neg` value), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([np.ravel(pos), np.ravel(neg)]))
+    n_pos, n_neg = np.size(pos), np.size(neg)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def mask_miou(pred_dir, world: Path) -> float:
