@@ -11,7 +11,8 @@ activation (co-bg FA) and object coverage (both at CAM > 0.15).
 Measured on the 2-core dev box (seed 0, torch 2.14.1 CPU):
 - tiny CLIP top-1 in labels 0.725, masked-object top-1 0.55 (chance 0.17);
 - CAM mIoU / object AUC: untrained 0.206 / 0.658, baseline 0.138 / 0.462 (it learned the
-  co-occurring backgrounds), CLIMS from random weights 0.245 / 0.771;
+  co-occurring backgrounds), CLIMS from random weights 0.245 / 0.771 (training seeds 1 and 2,
+  same world and CLIP: 0.215 / 0.689 and 0.251 / 0.795);
 - co-bg FA untrained 0.57, baseline 0.76, CLIMS from the baseline 0.46 (torch 2.15: 0.24), its
   object coverage 0.41.
 Broken on purpose (same runs, one change each), every one fails a check:
@@ -39,8 +40,9 @@ MIN_OBJECT_TOP1 = 0.35  # masked objects alone, 6 classes (chance 0.17; measured
 MIN_BASELINE_EXCESS_FA = 0.10  # baseline over untrained co-bg FA (measured +0.19)
 MIN_CLIMS_FA_DROP = 0.20  # CLIMS under baseline co-bg FA (measured -0.31, torch 2.15 -0.52; OTM sign flipped -0.14)
 MIN_CLIMS_COVERAGE = 0.15  # CLIMS still covers its objects (measured 0.41; BTM flipped 0.06, fg/bg swapped 0.00)
-# CLIMS from random weights over the untrained network (measured +0.113 AUC, +0.039 mIoU; broken: all below it)
-MIN_AUC_GAIN, MIN_MIOU_GAIN = 0.06, 0.015
+# CLIMS from random weights over the untrained network: measured +0.113 AUC / +0.039 mIoU (training seeds 1 and 2:
+# +0.031 / +0.009 and +0.137 / +0.045); every broken variant lands below the untrained network on both
+MIN_AUC_GAIN, MIN_MIOU_GAIN = 0.02, 0.005
 MIN_MIOU_OVER_BASELINE = 0.05  # measured +0.107
 
 

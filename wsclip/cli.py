@@ -882,6 +882,8 @@ def _add_demo(sub):
     p.add_argument("--clip-es-steps", type=int, help="training steps of the ViT tiny CLIP that CLIP-ES uses")
     p.add_argument("--cam-steps", type=int, help="baseline CAM training steps")
     p.add_argument("--clims-steps", type=int, help="CLIMS training steps per loss variant")
+    p.add_argument("--scratch-steps", type=int,
+                   help="steps of the extra CLIMS run (all terms) from random weights (0: skip it)")
     p.add_argument("--variants", nargs="+", help="CLIMS loss variants (default: OTM OTM+BTM OTM+BTM+REG OTM+BTM+REG+CBS)")
     p.add_argument("--no-clip-es", action="store_true", help="skip CLIP-ES")
     p.add_argument("--no-crf", action="store_true", help="pseudo masks without the dense CRF")
@@ -899,7 +901,7 @@ def _run_demo(args):
 
         torch.set_num_threads(args.threads)
     given = {k: getattr(args, k) for k in ("seed", "n_train", "n_val", "clip_steps", "clip_es_steps", "cam_steps",
-                                                  "clims_steps", "irn")
+                                                  "clims_steps", "scratch_steps", "irn")
              if getattr(args, k) is not None}
     if args.variants:
         given["variants"] = tuple(args.variants)

@@ -6,7 +6,9 @@ Stages (each resumable: a re-run skips finished outputs under `out`):
 2. the tiny CLIP (`wsclip.train.tiny_clip.ensure_tiny_clip`, cached in the cache folder);
 3. the baseline CAM network (`train_cam`), and an untrained network as the floor;
 4. CLIMS from the baseline with the loss variants OTM; OTM+BTM; OTM+BTM+REG; OTM+BTM+REG+CBS
-   (the synth preset's weights, switched-off terms weighted 0);
+   (the synth preset's weights, switched-off terms weighted 0), and the full loss once more from
+   random weights (`scratch_steps`; the baseline here has learned the co-occurring backgrounds,
+   which CLIMS started from it must first unlearn);
 5. multi-scale CAMs of the val split for every network (`make_cams`), CLIP-ES with the tiny
    CLIP (GradCAM and CAA maps, `make_clip_es_cams`);
 6. refinement: dense CRF pseudo masks (`make_pseudo_masks`), optionally the IRN random walk
@@ -76,6 +78,7 @@ class DemoConfig:
     clip_batch: int = 32
     cam_steps: int = 150
     clims_steps: int = 150
+    scratch_steps: int = 600  # CLIMS (all terms) from random weights as one more row (0: off)
     batch_size: int = 16
     cam_lr: float = 0.05
     clims_lr: float = 0.03
@@ -99,7 +102,7 @@ class DemoConfig:
     @classmethod
     def full(cls, **kw) -> "DemoConfig":
         base = dict(out="runs/synth_ablation", n_train=2000, n_val=200, clip_steps=300, clip_es_steps=300, clip_batch=32,
-                    cam_steps=500, clims_steps=500, irn=True, irn_steps=300, overlays=8)
+                    cam_steps=500, clims_steps=500, scratch_steps=1500, irn=True, irn_steps=300, overlays=8)
         return cls(**{**base, **kw})
 
     @property
@@ -418,12 +421,18 @@ def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     for v in cfg.variants:
         print(f"  CLIMS {v}: {loss_weights(cfg, v)}", file=sys.stderr, flush=True)
         ckpts[v] = train_variant(cfg, v, world, runs, cam_ckpt, clip_file, clip)
+    scratch_name = f"CLIMS {cfg.variants[-1]} from random init"
+    if cfg.scratch_steps:
+        print(f"  {scratch_name}: {cfg.scratch_steps} steps", file=sys.stderr, flush=True)
+        scratch = train_variant(cfg, cfg.variants[-1], world, runs, None, clip_file, clip, steps=cfg.scratch_steps)
     times["clims"] = time.time() - t
 
     t = stage("val CAMs (multi-scale + flip) and CLIP-ES")
     torch.manual_seed(cfg.tseed)
     nets: dict[str, object] = {"untrained": build_camnet("tiny", len(val.classes)).eval(), "baseline CAM": cam_ckpt}
     nets.update({f"CLIMS {v}": p for v, p in ckpts.items()})
+    if cfg.scratch_steps:
+        nets[scratch_name] = scratch
     for name, net in nets.items():
         make_cams(net, val, cams_root / slug(name), split="val", scales=cfg.scales, device="cpu", num_workers=0)
     if cfg.clip_es:
@@ -475,7 +484,8 @@ def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     (out / "overlays").mkdir(exist_ok=True)
     for name, r in rows.items():
         save_overlays(out / "overlays" / f"{slug(name)}.png", val, {name: r}, picks)
-    compare = {k: rows[k] for k in ("baseline CAM", f"CLIMS {cfg.variants[-1]}", "CLIP-ES + CAA") if k in rows}
+    compare = {k: rows[k] for k in ("baseline CAM", f"CLIMS {cfg.variants[-1]}", scratch_name, "CLIP-ES + CAA")
+               if k in rows}
     save_overlays(out / "overlays.png", val, compare, picks)
     times["report"] = time.time() - t
     times["total"] = time.time() - t_start
