@@ -53,6 +53,21 @@ def test_tiny_run_follows_the_schema(tiny_run):
     assert e2e["checks"] and e2e["checks"][0]["passed"] and len(e2e["comparisons"]) == 1
 
 
+@pytest.mark.slow
+def test_quick_run_of_every_suite_follows_the_schema(tmp_path):
+    """The README's `wsclip bench --quick` on this CPU (about a minute): every suite runs and its checks pass."""
+    rc = main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path), "--threads", "1"])
+    files = sorted(tmp_path.glob("bench_cpu_quick_*.json"))
+    assert rc == 0 and len(files) == 1
+    run = json.loads(files[0].read_text())
+    assert validate_run(run) == [] and run["mode"] == "quick"
+    assert set(run["suites"]) == {"clip-encode", "clims-step", "clip-es-label", "label-e2e", "random-walk",
+                                  "masked-batch", "caa"}
+    for name, suite in run["suites"].items():
+        assert suite["status"] == "ok", (name, suite.get("reason"), suite.get("traceback"))
+        assert all(c["passed"] for c in suite["checks"]), (name, suite["checks"])
+
+
 def _fake(name, run_fn):
     return types.SimpleNamespace(NAME=name, DESCRIPTION=f"fake {name}", run=run_fn)
 
