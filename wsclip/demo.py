@@ -421,7 +421,8 @@ def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     for v in cfg.variants:
         print(f"  CLIMS {v}: {loss_weights(cfg, v)}", file=sys.stderr, flush=True)
         ckpts[v] = train_variant(cfg, v, world, runs, cam_ckpt, clip_file, clip)
-    scratch_name = f"CLIMS {cfg.variants[-1]} from random init"
+    last = "all" if cfg.variants[-1] == "OTM+BTM+REG+CBS" else cfg.variants[-1]
+    scratch_name = f"CLIMS {last}, random init"  # short: it titles the overlay panels
     if cfg.scratch_steps:
         print(f"  {scratch_name}: {cfg.scratch_steps} steps", file=sys.stderr, flush=True)
         scratch = train_variant(cfg, cfg.variants[-1], world, runs, None, clip_file, clip, steps=cfg.scratch_steps)
