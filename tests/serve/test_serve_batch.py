@@ -173,6 +173,11 @@ def test_inputs_labels_and_errors(small_folder, cam_ckpt, tmp_path):
     assert sorted(p.stem for p in out_list.glob("*.png")) == ["img0", "img1"]
     # no labels and no predictor: a clear error
     assert main(_label_argv(lst, cam_ckpt, tmp_path / "e", "--predict", "none", "--device", "cpu")) == 2
+    # GPU JPEG decoding asked for on a CPU: a clear error, nothing written
+    assert main(_label_argv(lst, cam_ckpt, tmp_path / "f", "--device", "cpu", "--decode", "gpu",
+                            "--labels", str(labels_file))) == 2
+    assert not (tmp_path / "f").exists()  # refused before the output folder is touched
+    assert json.loads((out_list / "label_config.json").read_text())["decoder"] == "pil"  # recorded for resumes
     # other settings into the same folder are refused, --restart relabels
     argv = _label_argv(lst, cam_ckpt, out_list, "--workers", "0", "--device", "cpu", "--predict", "none",
                        "--labels", str(labels_file), "--bg-threshold", "0.4")

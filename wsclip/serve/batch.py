@@ -553,6 +553,8 @@ def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split:
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
     window = int(run.window or 4 * labeler.batch_size)
     out = Path(run.out)
+    if run.decode == "gpu" and labeler.device.type != "cuda":
+        raise WsclipError("--decode gpu needs a CUDA device (--device cuda)")
     decoder = "nvjpeg" if labeler.device.type == "cuda" and run.decode in ("auto", "gpu") else "pil"
     settings = _settings(labeler_cfg, run, window, source, decoder)
     lock = _prepare_out(out, settings, run.restart)
@@ -570,8 +572,6 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
                          crf=labeler.refine == "crf")
     gpu_jpeg = labeler.device.type == "cuda" and run.decode in ("auto", "gpu")
-    if run.decode == "gpu" and labeler.device.type != "cuda":
-        raise WsclipError("--decode gpu needs a CUDA device (--device cuda)")
     order = [i for w in wins for i in w]
     loader = torch.utils.data.DataLoader(
         _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
