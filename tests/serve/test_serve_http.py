@@ -129,6 +129,10 @@ def test_bad_requests_get_4xx(server, jpeg):
     assert post(jpeg, params={"method": "seg"}).status_code == 422
     assert c.post("/v1/label", files={"other": ("a.jpg", jpeg, "image/jpeg")}).status_code == 422
     assert c.post("/v1/label/batch", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 415
+    tiny = _png_bytes(np.zeros((8, 8, 3), np.uint8))
+    too_many = [("images", (f"{i}.png", tiny, "image/png")) for i in range(ServeConfig.max_batch_items + 1)]
+    r = c.post("/v1/label/batch", files=too_many)
+    assert r.status_code == 413 and "images in one request" in r.json()["error"]
     assert c.get("/health/ready").status_code == 200  # still healthy
     assert post(jpeg, params={"labels": "cat"}).status_code == 200
 

@@ -476,10 +476,16 @@ def create_app(labeler, cfg: ServeConfig | None = None):
             raise ApiError(408, f"request body not received within {cfg.read_timeout_s:g} s") from None
 
     async def read_form(request: Request, max_files: int):
+        from starlette.exceptions import HTTPException  # what Request.form raises (FastAPI's is a subclass)
+
         try:
             return await asyncio.wait_for(request.form(max_files=max_files, max_fields=16), cfg.read_timeout_s)
         except asyncio.TimeoutError:
             raise ApiError(408, f"request body not received within {cfg.read_timeout_s:g} s") from None
+        except HTTPException as exc:  # Starlette's multipart parser stops at max_files with a 400
+            if exc.status_code == 400 and "too many files" in str(exc.detail).lower():
+                raise ApiError(413, f"more than {max_files} images in one request; send at most {max_files}") from None
+            raise
 
     def options(get, default_format: str) -> tuple[str, bool]:
         fmt = (get("format") or default_format).lower()
