@@ -6,11 +6,30 @@ from wsclip import __version__
 from wsclip.cli import build_parser, main
 
 
-def test_help_lists_jobs(capsys):
+def _subcommands(parser, prefix=()):
+    """Every job path, e.g. ('train', 'clims'), with its parser."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subcommands(sub, (*prefix, name))
+
+
+def test_help_lists_jobs_and_every_job_describes_its_flags(capsys):
     parser = build_parser()
     text = parser.format_help()
-    for job in ("doctor", "eval"):
-        assert job in text
+    jobs = dict(_subcommands(parser))
+    for job in ("doctor", "eval", "train", "cam", "pseudo", "label", "serve", "export", "bench", "demo"):
+        assert job in text and (job,) in jobs
+    assert ("train", "clims") in jobs and ("export", "onnx") in jobs
+    for path, sub in jobs.items():
+        flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+        leaf = not any(type(a).__name__ == "_SubParsersAction" for a in sub._actions)
+        if leaf:
+            assert flags, path
+            assert all(a.help for a in flags), (path, [a.dest for a in flags if not a.help])
 
 
 def test_version_and_no_command(capsys):
