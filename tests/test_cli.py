@@ -56,3 +56,13 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
+
+
+def test_doctor_warns_when_both_onnxruntime_builds_are_installed():
+    from wsclip.doctor import collect, format_report, warnings_for
+
+    r = collect()
+    assert warnings_for(r, ["onnxruntime"]) == [] and warnings_for(r, ["onnxruntime-gpu"]) == []
+    both = warnings_for({"onnxruntime_providers": ["CPUExecutionProvider"]}, ["onnxruntime", "onnxruntime-gpu"])
+    assert len(both) == 1 and "no CUDA provider" in both[0] and "pip install onnxruntime-gpu" in both[0]
+    assert "warning: both onnxruntime" in format_report(dict(r, warnings=both))

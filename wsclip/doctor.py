@@ -44,8 +44,34 @@ def collect() -> dict:
         import onnxruntime
 
         report["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    report["warnings"] = warnings_for(report, _distributions(("onnxruntime", "onnxruntime-gpu")))
     report["features"] = features(report)
     return report
+
+
+def _distributions(names) -> list[str]:
+    """Which of these PyPI distributions are installed."""
+    from importlib import metadata
+
+    found = []
+    for name in names:
+        try:
+            metadata.version(name)
+            found.append(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def warnings_for(r: dict, dists: list[str]) -> list[str]:
+    """Set-up problems worth a line: both ONNX Runtime builds installed (they share one module)."""
+    out = []
+    if {"onnxruntime", "onnxruntime-gpu"} <= set(dists):
+        has_cuda = "CUDAExecutionProvider" in r.get("onnxruntime_providers", [])
+        out.append("both onnxruntime and onnxruntime-gpu are installed and share one module"
+                   + ("" if has_cuda else ", and the CPU build won (no CUDA provider)")
+                   + ": `pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
+    return out
 
 
 def features(r: dict) -> dict:
@@ -81,4 +107,5 @@ def format_report(r: dict) -> str:
     lines.append("features:")
     for k, ok in r["features"].items():
         lines.append(f"  [{'x' if ok else ' '}] {k}")
+    lines += [f"warning: {w}" for w in r.get("warnings", [])]
     return "\n".join(lines)
