@@ -36,6 +36,20 @@ def test_clims_presets_match_methods():
         from_preset(ClimsConfig, "voc")
 
 
+def test_qa_clims_and_irn_presets_match_methods():
+    from wsclip.config import IrnConfig, QaClimsConfig
+
+    voc = from_preset(QaClimsConfig, "voc-qa")  # METHODS.md section 4
+    assert (voc.lr, voc.batch_size, voc.epochs, voc.w1, voc.w2, voc.w3, voc.tau) == (3.5e-4, 8, 15, 10, 8, 0.2, 0.7)
+    assert (voc.label_weight, voc.max_bg_texts, voc.crop) == (0.5, 10, 512)
+    coco = from_preset(QaClimsConfig, "coco-qa")  # weights from METHODS; lr and batch from the public run script
+    assert (coco.w1, coco.w2, coco.w3, coco.tau, coco.lr, coco.batch_size) == (30, 24, 0.2, 0.7, 1e-5, 8)
+    for name, fg in (("voc-official", 0.30), ("coco-official", 0.35)):  # METHODS.md sections 3 and 6
+        irn = from_preset(IrnConfig, name)
+        assert (irn.fg_threshold, irn.bg_threshold, irn.radius) == (fg, 0.10, 10)
+        assert (irn.batch_size, irn.epochs, irn.lr) == (32, 3, 0.1)
+
+
 def test_yaml_round_trip_and_unknown_keys(tmp_path):
     cfg = from_preset(ClimsConfig, "voc-paper", lr=1e-3, max_steps=7)
     save_yaml(cfg, tmp_path / "c.yaml")
