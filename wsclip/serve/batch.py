@@ -555,13 +555,17 @@ def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split:
     out = Path(run.out)
     if run.decode == "gpu" and labeler.device.type != "cuda":
         raise WsclipError("--decode gpu needs a CUDA device (--device cuda)")
-    decoder = "nvjpeg" if labeler.device.type == "cuda" and run.decode in ("auto", "gpu") else "pil"
-    settings = _settings(labeler_cfg, run, window, source, decoder)
+    settings = _settings(labeler_cfg, run, window, source, _decoder(labeler, run))
     lock = _prepare_out(out, settings, run.restart)
     try:
         return _run(labeler, source, run, out, window, progress, on_image)
     finally:
         lock.close()
+
+
+def _decoder(labeler, run: LabelRunConfig) -> str:
+    """"nvjpeg" (JPEG decoded on the labeler's GPU) or "pil" (decoded by the DataLoader workers)."""
+    return "nvjpeg" if labeler.device.type == "cuda" and run.decode in ("auto", "gpu") else "pil"
 
 
 def _run(labeler, source, run, out, window, progress, on_image) -> dict:
@@ -571,7 +575,7 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     todo = sum(1 for w in wins for i in w if source.ids[i] not in done)
     opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
                          crf=labeler.refine == "crf")
-    gpu_jpeg = labeler.device.type == "cuda" and run.decode in ("auto", "gpu")
+    gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
     loader = torch.utils.data.DataLoader(
         _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
