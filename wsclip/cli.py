@@ -244,7 +244,7 @@ def _add_qa_corpus(sub):
 
 def _run_qa_corpus(args):
     from wsclip.data import open_dataset
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
     from wsclip.train.qa_corpus import build_corpus
 
     kw = {} if str(args.data).startswith("synth:") else {"masks": False}
@@ -784,7 +784,7 @@ def _add_prompts_select(sub):
 def _run_prompts_select(args):
     from wsclip.label.prompts import collect_images, format_ranking, rank_templates, read_templates
     from wsclip.models.clip import load_clip
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
     from wsclip.vocab import CLIP_ES_COCO_NAMES, CLIP_ES_VOC_NAMES
 
     templates = read_templates(args.templates)

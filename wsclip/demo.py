@@ -236,7 +236,7 @@ def cam_metrics(cam_dir, val, backgrounds: dict[str, int], key: str = "high_res"
 
     from wsclip.data.synth import SYNTH_PREFERRED
     from wsclip.eval.metrics import ConfusionMatrix
-    from wsclip.label.clims_cam import read_cam_file
+    from wsclip.formats import read_cam_file
 
     k = len(val.classes)
     cms = {t: ConfusionMatrix(k + 1) for t in thresholds}
@@ -316,7 +316,7 @@ def save_overlays(path: Path, val, rows: dict[str, dict], picks: Sequence[int], 
     """One PNG: per picked val image, the image, its ground truth and each method's CAM and pseudo mask."""
     from wsclip.eval.viz import cam_heatmap, grid, overlay, save_png
     from wsclip.io import read_mask
-    from wsclip.label.clims_cam import read_cam_file
+    from wsclip.formats import read_cam_file
 
     panels, titles = [], []
     for i in picks:

@@ -25,6 +25,7 @@ from wsclip.bench.schema import MODES, SCHEMA_ID, validate_run
 from wsclip.bench.suite import Skip, SuiteContext, SuiteResult
 from wsclip.bench.timing import Meter, measure_ceilings
 from wsclip.errors import MissingFileError, WsclipError
+from wsclip.runtime import resolve_device
 
 #: report and run order; suites found on disk but not listed here run after these
 ORDER = ("clip-encode", "clims-step", "clip-es-label", "label-e2e", "random-walk", "masked-batch", "caa")
@@ -66,15 +67,6 @@ def load_suites(root: Path | None = None) -> dict[str, ModuleType | Exception]:
     ordered = {n: found[n] for n in ORDER if n in found}
     ordered.update({n: m for n, m in found.items() if n not in ordered})
     return ordered
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WsclipError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 def default_label(device: torch.device) -> str:

@@ -194,26 +194,11 @@ def open_artefact(path, device="cpu", **kw):
 def open_labeler(path, device="cpu", **kw):
     """Any labeler backend behind `run(images, labels=None)`: an .onnx file, a TensorRT engine, or a
     CAM / segmentation checkpoint (PyTorch CamLabeler / SegLabeler; `kw` are their options)."""
-    import json
+    from wsclip.registry import is_export, labeler_kind
 
-    from wsclip.export.tensorrt import ENGINE_SUFFIXES
-    from wsclip.io import sidecar_path
-
-    path = Path(path)
-    if path.suffix in (".onnx", *ENGINE_SUFFIXES):
+    if is_export(path):
         return open_artefact(path, device=device, **kw)
-    side = sidecar_path(path)
-    kind = json.loads(side.read_text()).get("kind") if side.is_file() else None
-    if kind == "camnet":
-        from wsclip.label.cam_labeler import load_cam_labeler
-
-        return load_cam_labeler(path, device=device, **kw)
-    if kind == "seg":
-        from wsclip.label.seg_labeler import load_seg_labeler
-
-        return load_seg_labeler(path, device=device, **kw)
-    raise WsclipError(f"{path} is not a labeler: pass a CAM network or segmentation checkpoint (with its JSON "
-                      f"sidecar), an .onnx export or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
+    return labeler_kind(path).predictor_module(path, device=device, **kw)
 
 
 def _profile_of(meta: dict):

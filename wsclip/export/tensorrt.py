@@ -25,8 +25,9 @@ import torch
 
 from wsclip.errors import BadFileError, ShapeError, WsclipError
 from wsclip.export.ort import TORCH_DTYPES, ArtefactRunner
+from wsclip.registry import ENGINE_SUFFIXES  # noqa: F401 - re-exported
 
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer
 _TRT_DTYPE_NAMES = {"uint8": "UINT8", "float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64"}
 

@@ -5,9 +5,7 @@ tensors and PyTorch elsewhere; "triton" on CPU tensors runs only under TRITON_IN
 (the tests). Triton itself is imported on first use of a Triton path.
 """
 
-# CLIP's image normalisation (OpenAI CLIP); models.clip uses the same values.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from wsclip.constants import CLIP_MEAN, CLIP_STD  # noqa: F401 - re-exported (the masked_batch default)
 
 from wsclip.kernels.caa import caa_propagate, caa_refine, caa_transition  # noqa: E402
 from wsclip.kernels.masked_batch import masked_batch  # noqa: E402

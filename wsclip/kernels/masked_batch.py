@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import ShapeError
-from wsclip.kernels import CLIP_MEAN, CLIP_STD
+from wsclip.constants import CLIP_MEAN, CLIP_STD
 from wsclip.kernels import _dispatch
 from wsclip.kernels._dispatch import import_triton, interpreting, resolve_backend, tuned
 

@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsclip.constants import CAM_BG_THRESHOLD, IMAGENET_MEAN, IMAGENET_STD
 from wsclip.errors import ShapeError, WsclipError
-
-CAM_BG_THRESHOLD = 0.15  # METHODS.md section 3: CAM evaluation background threshold
+from wsclip.label.masks import background_argmax
 
 
 @runtime_checkable
@@ -143,10 +142,7 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
         if labels is not None:
             cams = cams * labels.to(cams.dtype)[:, :, None, None]
         cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + self.eps)
-        # argmax over [bg_threshold, cams] without stacking them: ties go to the background
-        top, idx = cams.max(dim=1)
-        mask = torch.where(top > self.bg_threshold, idx + 1, torch.zeros_like(idx))
-        return cams, mask
+        return cams, background_argmax(cams, self.bg_threshold)
 
     def config(self) -> dict:
         """Settings a sidecar records so the same labeler can be rebuilt."""

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, WsclipError
+from wsclip.formats import read_cam_file, write_cam_file  # noqa: F401 - re-exported
+from wsclip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def strided_size(hw, stride: int) -> tuple[int, int]:
@@ -81,34 +81,6 @@ def multiscale_cam(net, inputs: Sequence[torch.Tensor], hw, keys: torch.Tensor, 
     return low, high
 
 
-def write_cam_file(path, keys, cam, high_res) -> None:
-    """One compressed .npz (keys, cam, high_res as float16), written atomically."""
-    from wsclip.io import atomic_path
-
-    def arr(x):
-        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, keys=arr(keys).astype(np.int64), cam=arr(cam).astype(np.float16),
-                                high_res=arr(high_res).astype(np.float16))
-
-
-def read_cam_file(path) -> dict:
-    """Load a CAM .npz as {"keys", "cam", "high_res"}; a corrupt file is a BadFileError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"CAM file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-    except Exception as exc:  # noqa: BLE001 - zip/format errors of every kind
-        raise BadFileError(f"cannot read CAM file {path}: {exc}; delete it and re-run `wsclip cam`") from exc
-    if "keys" not in out or "high_res" not in out:
-        raise BadFileError(f"{path} lacks 'keys'/'high_res': not a wsclip CAM file")
-    return out
-
-
 class _Prepared(torch.utils.data.Dataset):
     """Runs in DataLoader workers: decode + multi-scale resize + normalise."""
 
@@ -147,7 +119,7 @@ def make_cams(
     """
     from wsclip.models.camnet import load_camnet
     from wsclip.progress import progress
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
 
     dev = resolve_device(device)
     if isinstance(checkpoint, torch.nn.Module):
@@ -207,6 +179,7 @@ def evaluate_cams(cams_dir, gt_dir, thresholds: Sequence[float], num_classes: in
     from wsclip.eval.evaluate import read_split
     from wsclip.eval.metrics import ConfusionMatrix
     from wsclip.io import read_mask
+    from wsclip.label.masks import background_argmax
     from wsclip.progress import progress
 
     cams_dir, gt_dir = Path(cams_dir), Path(gt_dir)
@@ -229,12 +202,6 @@ def evaluate_cams(cams_dir, gt_dir, thresholds: Sequence[float], num_classes: in
         keys = z["keys"].astype(np.int64)
         if cams.shape[1:] != gt.shape:
             raise BadFileError(f"{i}: CAM '{key}' is {cams.shape[2]}x{cams.shape[1]}, mask {gt.shape[1]}x{gt.shape[0]}")
-        if len(keys):
-            best = cams.max(axis=0)
-            label = (keys + 1)[cams.argmax(axis=0)]
-        else:
-            best = np.full(gt.shape, -np.inf, dtype=np.float32)
-            label = np.zeros(gt.shape, dtype=np.int64)
         for t, cm in cms.items():
-            cm.update(np.where(best > t, label, 0), gt)  # ties go to background, like argmax over [t, cams]
+            cm.update(background_argmax(cams, t, keys), gt)
     return cms

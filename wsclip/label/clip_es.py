@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import ShapeError, WsclipError
+from wsclip.formats import write_cam_file
 
 __all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
            "make_clip_es_cams", "caa_refine_cam_files"]
@@ -221,16 +222,8 @@ def _upsample(maps: torch.Tensor, hw) -> torch.Tensor:
 
 
 def write_cam_npz(path, arrays: dict) -> None:
-    """One compressed .npz, written atomically: "keys" as int64, every other array as float16."""
-    from wsclip.io import atomic_path
-
-    def arr(x):
-        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-    data = {k: arr(v).astype(np.int64 if k == "keys" else np.float16) for k, v in arrays.items()}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **data)
+    """`wsclip.formats.write_cam_file` with the arrays given as a dict (keys, cam, high_res, ...)."""
+    write_cam_file(path, **arrays)
 
 
 # ============================================================================ dataset runner
@@ -296,7 +289,7 @@ def make_clip_es_cams(
     file exists are skipped. Returns {"written", "skipped", "total"}.
     """
     from wsclip.progress import progress
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
 
     cfg = cfg or ClipEsConfig()
     if cfg.batch_size < 1:
@@ -371,10 +364,10 @@ def caa_refine_cam_files(
     (refined, patch grid), "high_res" (refined, image size) and "high_res_raw" (the input maps).
     Existing outputs are skipped. Returns {"written", "skipped", "total"}.
     """
-    from wsclip.label.clims_cam import read_cam_file
+    from wsclip.formats import read_cam_file
     from wsclip.progress import progress
     from wsclip.refine.caa import box_mask, refine, refine_from_attention, transition
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
 
     cfg = cfg or ClipEsConfig()
     if not cfg.caa:

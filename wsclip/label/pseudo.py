@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, ShapeError, WsclipError
+from wsclip.constants import IGNORE_INDEX
+from wsclip.formats import read_cams
+from wsclip.label.masks import background_argmax
 from wsclip.refine.crf import CRFParams, crf_pool
 
-__all__ = ["PseudoConfig", "stack_scores", "scores_to_mask", "pseudo_mask", "read_cams", "make_pseudo_masks"]
+__all__ = ["PseudoConfig", "stack_scores", "scores_to_mask", "read_cams", "make_pseudo_masks"]
 
 BACKGROUNDS = ("power", "threshold")
 ON_ERROR = ("skip", "fail")
@@ -56,22 +59,6 @@ class PseudoConfig:
 
 
 # ----------------------------------------------------------------------------- per image
-def read_cams(path, key: str = "high_res") -> dict:
-    """{"keys", "cams" (K, H, W) float32, "file": all arrays}; BadFileError naming the file if unusable."""
-    from wsclip.label.clims_cam import read_cam_file
-
-    z = read_cam_file(path)
-    if key not in z:
-        raise BadFileError(f"{path} has no '{key}' maps (it holds {', '.join(sorted(z))})")
-    cams = np.asarray(z[key], dtype=np.float32)
-    keys = np.asarray(z["keys"]).astype(np.int64).reshape(-1)
-    if cams.ndim != 3 or cams.shape[0] != len(keys):
-        raise BadFileError(f"{path}: '{key}' has shape {cams.shape} for {len(keys)} classes; expected (K, H, W)")
-    if not np.isfinite(cams).all():
-        raise BadFileError(f"{path}: '{key}' holds NaN or infinite values; re-run `wsclip cam` for this image")
-    return {"keys": keys, "cams": cams, "file": z}
-
-
 def stack_scores(cams: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
     """(1 + K, H, W) float32: the background score in front of the CAMs (K, H, W)."""
     cams = np.asarray(cams, dtype=np.float32)
@@ -85,12 +72,11 @@ def stack_scores(cams: np.ndarray, cfg: PseudoConfig) -> np.ndarray:
 
 def scores_to_mask(scores: np.ndarray, keys, confidence: float | None = None) -> np.ndarray:
     """uint8 mask (H, W): argmax over [bg, classes] mapped to 0 / keys + 1; max below `confidence` -> 255."""
-    from wsclip.refine.crf import posterior_labels
-
-    labels = posterior_labels(scores, confidence)
-    lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1, np.zeros(256, np.int64)])
-    lut[255] = 255
-    return lut[labels].astype(np.uint8)
+    scores = np.asarray(scores)
+    mask = background_argmax(scores[1:], scores[0], keys)
+    if confidence is not None:
+        mask[scores.max(0) < confidence] = IGNORE_INDEX
+    return mask.astype(np.uint8)
 
 
 def random_walk_scores(cams: np.ndarray, edge, cfg: PseudoConfig, low=None, device=None) -> np.ndarray:
@@ -132,23 +118,6 @@ def _finish(job) -> str:
     return str(out_path)
 
 
-def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edge=None) -> np.ndarray:
-    """One pseudo mask (H, W) uint8 from `read_cams` output; `image` (H, W, 3) uint8 for the CRF, `edge` for IRN."""
-    cfg = cfg or PseudoConfig()
-    cams = cam_file["cams"]
-    if edge is not None:
-        scores = random_walk_scores(cams, edge, cfg, low=cam_file["file"].get("cam") if cfg.key == "high_res" else None)
-    else:
-        scores = stack_scores(cams, cfg)
-    if cfg.crf:
-        if image is None:
-            raise WsclipError("the CRF needs the image: pass the dataset (--data)")
-        from wsclip.refine.crf import dense_crf
-
-        scores = dense_crf(image, scores, cfg.crf_params)
-    return scores_to_mask(scores, cam_file["keys"], cfg.confidence)
-
-
 # ----------------------------------------------------------------------------- runner
 def _open(data, split):
     if data is None or not isinstance(data, (str, Path)):
@@ -183,7 +152,7 @@ def _edge_source(irn, edges_dir, device) -> Callable | None:
 
         return from_folder
     from wsclip.models.irn import load_irn, predict_boundary
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
 
     dev = resolve_device(device)
     net, _ = load_irn(irn, dev) if isinstance(irn, (str, Path)) else (irn.to(dev), None)
@@ -235,7 +204,7 @@ def make_pseudo_masks(
         raise WsclipError("--irn computes boundary maps from the images: pass the dataset with --data")
     edges = _edge_source(irn, edges_dir, device)
     if edges is not None:
-        from wsclip.train.loop import resolve_device
+        from wsclip.runtime import resolve_device
 
         rw_device = resolve_device(device)  # the random walk runs where the user asked (Triton on CUDA)
     need_image = cfg.crf or irn is not None

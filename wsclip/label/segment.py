@@ -103,7 +103,7 @@ def segment(
     from wsclip.io import write_mask
     from wsclip.models.seg import load_seg_model
     from wsclip.progress import progress
-    from wsclip.train.loop import resolve_device
+    from wsclip.runtime import resolve_device
 
     dev = resolve_device(device)
     if isinstance(checkpoint, torch.nn.Module):

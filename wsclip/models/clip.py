@@ -25,11 +25,10 @@ import torch.nn.functional as F
 
 from wsclip.errors import CheckpointError, MissingFileError, ShapeError, WsclipError
 from wsclip.models.clip_vit import ViTTrace, interpolate_pos_embed
+from wsclip.constants import CLIP_MEAN, CLIP_STD  # noqa: F401 - re-exported
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "ClipModel", "ViTTrace", "interpolate_pos_embed", "load_clip", "save_clip"]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".bin", ".pth")
 _DIR_PREFERENCE = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",

@@ -17,11 +17,10 @@ import torch
 import torch.nn as nn
 
 from wsclip.errors import CheckpointError
+from wsclip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 
 KIND = "irn"
 BRANCH_WIDTH = 32
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _stage_channels(backbone: nn.Module) -> list[int]:

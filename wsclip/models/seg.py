@@ -27,14 +27,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from wsclip.errors import CheckpointError, WsclipError
+from wsclip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 
 KIND = "seg"
 ARCHS = ("deeplabv2", "deeplabv3plus")
 BACKBONES = ("resnet101", "resnet50", "resnet18", "tiny")
 DEFAULT_RATES = {"deeplabv2": (6, 12, 18, 24), "deeplabv3plus": (6, 12, 18)}
 OUTPUT_STRIDES = {"deeplabv2": 8, "deeplabv3plus": 16}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ============================================================================ backbone

@@ -121,18 +121,6 @@ def dense_crf_many(
         yield from pool.map(_crf_job, jobs, chunksize=1)
 
 
-def crf_labels(
-    image: np.ndarray,
-    probs: np.ndarray,
-    params: CRFParams = CRFParams(),
-    confidence: float | None = None,
-    ignore_index: int = 255,
-) -> np.ndarray:
-    """Argmax of the CRF posterior (H, W) int64; with `confidence`, pixels whose max posterior is below it get `ignore_index`."""
-    q = dense_crf(image, probs, params)
-    return posterior_labels(q, confidence, ignore_index)
-
-
 def posterior_labels(q: np.ndarray, confidence: float | None = None, ignore_index: int = 255) -> np.ndarray:
     """Channel argmax (H, W) of scores (C, H, W); pixels with max below `confidence` become `ignore_index`."""
     q = np.asarray(q)
@@ -143,6 +131,6 @@ def posterior_labels(q: np.ndarray, confidence: float | None = None, ignore_inde
 
 
 __all__: Sequence[str] = (
-    "CRFParams", "check_available", "crf_image", "dense_crf", "dense_crf_many", "crf_labels",
+    "CRFParams", "check_available", "crf_image", "dense_crf", "dense_crf_many",
     "posterior_labels", "default_workers",
 )

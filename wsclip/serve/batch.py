@@ -27,7 +27,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -326,7 +326,8 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
     mask = result.mask
     files = []
     if opts.cams and result.cams is not None:
-        from wsclip.label.clims_cam import strided_size, write_cam_file
+        from wsclip.formats import write_cam_file
+        from wsclip.label.clims_cam import strided_size
 
         high = torch.from_numpy(result.cams)
         low = high
@@ -446,7 +447,6 @@ class LabelRunConfig:
     rle: bool = False
     decode: str = "auto"
     restart: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: ImageSource, decoder: str) -> dict:

@@ -74,10 +74,6 @@ class DynamicBatcher:
         """Items waiting or being run."""
         return len(self._queue) + self._busy
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
     def submit(self, item) -> Future:
         """Queue one item; QueueFull when the queue is full, ShuttingDown after stop()."""
         job = _Job(item)

@@ -32,13 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wsclip.registry import ENGINE_SUFFIXES
+from wsclip.runtime import resolve_device
 from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
+from wsclip.formats import mask_annotations, rle_decode, rle_encode  # noqa: F401 - re-exported
+from wsclip.label.masks import background_argmax
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
 
 METHODS = ("auto", "cam", "seg", "clip-es")
 REFINEMENTS = ("none", "crf", "irn")
 PREDICTORS = ("auto", "cam", "clip", "none")
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 ZERO_SHOT_TEMPLATE = "a photo of {}."
 _READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
@@ -96,12 +99,6 @@ def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list
     for i, hw in enumerate(sizes):
         groups.setdefault(tuple(int(s) for s in hw), []).append(i)
     return [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
-
-
-def _resolve_device(device) -> torch.device:
-    from wsclip.train.loop import resolve_device
-
-    return resolve_device(device)
 
 
 def image_hw(im) -> tuple[int, int]:
@@ -277,13 +274,7 @@ def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool
     for i in range(cams.shape[0]):
         keys = torch.nonzero(y[i] > 0.5).flatten().to(cams.device)
         sel = cams[i, keys]
-        if mask is not None:
-            m = mask[i]
-        elif len(keys):
-            val, idx = sel.max(dim=0)
-            m = torch.where(val > bg, (keys + 1)[idx], torch.zeros_like(idx))
-        else:
-            m = torch.zeros(cams.shape[-2:], dtype=torch.long, device=cams.device)
+        m = mask[i] if mask is not None else background_argmax(sel, bg, keys)
         r = LabelResult(mask=m.to(torch.uint8).cpu().numpy(), keys=keys.cpu().numpy().astype(np.int64),
                         scores=scores[i], predicted=scores[i] is not None)
         if want_cams or want_crf:
@@ -307,7 +298,7 @@ class CamNetLabeler(Labeler):
         from wsclip.label.cam_labeler import CAM_BG_THRESHOLD
 
         path = Path(cfg.model)
-        device = _resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
             from wsclip.export.parity import open_artefact
 
@@ -401,7 +392,7 @@ class SegNetLabeler(Labeler):
 
     def __init__(self, cfg: LabelerConfig):
         path = Path(cfg.model)
-        device = _resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
             from wsclip.export.parity import open_artefact
 
@@ -466,7 +457,7 @@ class ClipEsLabeler(Labeler):
             raise WsclipError("--method clip-es needs --clip CLIP_FILE (a ViT CLIP, e.g. ViT-B-16)")
         if cfg.refine == "irn":
             raise WsclipError("--refine irn applies to CAM networks; CLIP-ES refines with CAA (built in) and --refine crf")
-        device = _resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         opts = dict(cfg.options)
         self.pseudo = PseudoConfig(alpha=float(opts.pop("alpha", 1.0)))
         classes = resolve_classes(cfg.classes or "voc")
@@ -518,31 +509,10 @@ def _make_predictor(cfg: LabelerConfig, lab: Labeler, own_scores: bool, clip=Non
 
 
 def detect_method(model) -> str:
-    """'cam' or 'seg' from a checkpoint's sidecar kind or an exported model's sidecar."""
-    import json
+    """'cam' or 'seg' from a checkpoint's sidecar kind or an exported model's sidecar (`wsclip.registry`)."""
+    from wsclip.registry import labeler_kind
 
-    path = Path(model)
-    if not path.exists():
-        from wsclip.errors import MissingFileError
-
-        raise MissingFileError(f"model not found: {path}")
-    if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
-        from wsclip.export.onnx import read_sidecar
-
-        kind = read_sidecar(path).get("model")
-    else:
-        from wsclip.io import sidecar_path
-
-        side = sidecar_path(path)
-        try:
-            kind = json.loads(side.read_text()).get("kind") if side.is_file() else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadFileError(f"{side} is not valid JSON: {exc}") from None
-    names = {"camnet": "cam", "seg": "seg"}
-    if kind not in names:
-        raise CheckpointError(f"{path} is a '{kind}' model; `wsclip label` takes a CAM network or a segmentation "
-                              "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")
-    return names[kind]
+    return labeler_kind(model).method
 
 
 def load_labeler(cfg: LabelerConfig | None = None, **kw) -> Labeler:
@@ -580,76 +550,6 @@ def refine_result(image: np.ndarray, result: LabelResult, crf_params=None) -> La
     result.mask = result.crf_values[q.argmax(0)].astype(np.uint8)
     result.crf_scores = None
     return result
-
-
-# ============================================================================ output encodings
-def rle_encode(binary: np.ndarray) -> dict:
-    """COCO compressed RLE {"size": [H, W], "counts": str} of a boolean (H, W) mask (column-major runs)."""
-    b = np.asarray(binary, dtype=bool)
-    if b.ndim != 2:
-        raise ShapeError(f"RLE needs a 2-D mask, got shape {b.shape}")
-    flat = b.T.reshape(-1).astype(np.int8)  # Fortran order
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        counts = [0] + counts
-    return {"size": [int(b.shape[0]), int(b.shape[1])], "counts": _rle_string(counts)}
-
-
-def _rle_string(counts: list[int]) -> str:
-    """COCO's LEB128-like text form: 5 bits a character (offset 48), runs after the 3rd stored as deltas."""
-    out = []
-    for i, c in enumerate(counts):
-        x = int(c) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            ch = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (ch & 0x10) else (x != 0)
-            if more:
-                ch |= 0x20
-            out.append(chr(ch + 48))
-    return "".join(out)
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """Boolean (H, W) mask of a COCO compressed RLE (inverse of rle_encode)."""
-    h, w = (int(v) for v in rle["size"])
-    s, counts, p = rle["counts"], [], 0
-    while p < len(s):
-        x = k = 0
-        more = True
-        while more:
-            c = ord(s[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and (c & 0x10):
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    if sum(counts) != h * w or any(c < 0 for c in counts):
-        raise BadFileError(f"RLE counts do not describe a {h}x{w} mask")
-    flat = np.repeat(np.arange(len(counts)) % 2, counts).astype(bool)
-    return flat.reshape(w, h).T
-
-
-def mask_annotations(mask: np.ndarray, classes: Sequence[str]) -> list[dict]:
-    """COCO-style annotations (category_id = mask value, segmentation RLE, area, bbox) of each class in a mask."""
-    out = []
-    for v in np.unique(mask):
-        v = int(v)
-        if v in (0, 255):
-            continue
-        b = mask == v
-        ys, xs = np.nonzero(b)
-        name = classes[v - 1] if 0 < v <= len(classes) else str(v)
-        out.append({"category_id": v, "category": name, "segmentation": rle_encode(b), "area": int(b.sum()),
-                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]})
-    return out
 
 
 __all__ = [

@@ -23,9 +23,8 @@ import torch
 from wsclip.config import ClimsConfig, save_yaml
 from wsclip.errors import WsclipError
 from wsclip.train import losses
+from wsclip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resolve_text(cfg: ClimsConfig, classes: Sequence[str], dataset=None) -> tuple[list[str], list[str]]:

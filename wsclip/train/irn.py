@@ -173,7 +173,7 @@ def downsample_seeds(seeds: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 # ============================================================================ seeds
 def load_cam_file(path, image_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(keys int64 (C,), cams float32 (C, H, W)) from a `wsclip cam` file; shapes checked against the image."""
-    from wsclip.label.clims_cam import read_cam_file
+    from wsclip.formats import read_cam_file
 
     z = read_cam_file(path)
     keys = np.asarray(z["keys"], dtype=np.int64).reshape(-1)

@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsclip.errors import CheckpointError, WsclipError
+from wsclip.runtime import resolve_device  # noqa: F401 - re-exported for older callers
 
 StepFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
 CKPT_DIR = "checkpoints"
@@ -102,18 +103,6 @@ def global_scale(local_count, device=None) -> torch.Tensor:
     n = torch.as_tensor(float(local_count), device=device)
     total = all_reduce_sum(n)
     return torch.where(total > 0, n * world_size() / total.clamp(min=1e-12), torch.zeros_like(n))
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> the local CUDA device when there is one (cuda:LOCAL_RANK under torchrun), else CPU."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WsclipError(f"device '{device}' asked for but CUDA is not available here: use --device cpu")
-    return dev
 
 
 # ============================================================================ SyncBN on CPU
