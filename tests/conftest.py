@@ -25,3 +25,14 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture()
+def one_thread():
+    """PyTorch on one CPU thread for the test (modules opt in with `pytestmark = pytest.mark.usefixtures`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

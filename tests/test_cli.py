@@ -66,3 +66,36 @@ def test_doctor_warns_when_both_onnxruntime_builds_are_installed():
     both = warnings_for({"onnxruntime_providers": ["CPUExecutionProvider"]}, ["onnxruntime", "onnxruntime-gpu"])
     assert len(both) == 1 and "no CUDA provider" in both[0] and "pip install onnxruntime-gpu" in both[0]
     assert "warning: both onnxruntime" in format_report(dict(r, warnings=both))
+
+
+def test_label_and_serve_take_every_clip_es_option_cam_takes():
+    """`wsclip label/serve --method clip-es` accept each CLIP-ES flag of `wsclip cam` and pass it to ClipEsConfig."""
+    from dataclasses import fields
+
+    from wsclip.commands.maps import _clip_es_options
+    from wsclip.commands.serving import _labeler_config
+    from wsclip.label.clip_es import ClipEsConfig
+
+    parser = build_parser()
+    jobs = dict(_subcommands(parser))
+
+    def clip_es_flags(sub):
+        return {s for a in sub._actions for s in a.option_strings if a.help and a.help.startswith("[clip-es]")}
+
+    cam_flags = clip_es_flags(jobs[("cam",)]) - {"--batch-size"}  # label/serve have their own --batch-size
+    assert len(cam_flags) >= 8
+    for job in (("label",), ("serve",)):
+        missing = cam_flags - {s for a in jobs[job]._actions for s in a.option_strings}
+        assert not missing, (job, missing)
+    argv = ["--method", "clip-es", "--clip", "c.pt", "--no-caa", "--box-threshold", "0.6", "--template", "a {}.",
+            "--pooling", "mean", "--caa-layers", "3", "--box-compat", "--backend", "torch", "--precision", "bf16"]
+    want = {"caa": False, "box_threshold": 0.6, "template": "a {}.", "pooling": "mean", "caa_layers": 3,
+            "box_compat": True, "backend": "torch"}
+    cam = parser.parse_args(["cam", "--data", "d", "--out", "o", *argv])
+    assert _clip_es_options(cam) == want
+    for job in ("label", "serve"):
+        args = parser.parse_args([job, *(["--images", "i", "--out", "o"] if job == "label" else []), *argv])
+        opts = _labeler_config(args).options
+        assert opts == {**want, "precision": "bf16"}
+        names = {f.name for f in fields(ClipEsConfig)}
+        assert set(want) <= names  # every option is a real ClipEsConfig field

@@ -99,7 +99,7 @@ def test_constants_are_the_single_definition():
 
 
 def test_registry_detects_kinds_in_one_place(tmp_path):
-    from wsclip.models.camnet import build_camnet, save_camnet
+    from wsclip.models.camnet import build_camnet
     from wsclip.registry import KINDS, detect_kind, get_kind, labeler_kind
 
     path = tmp_path / "cam.safetensors"

@@ -28,6 +28,26 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def opt(default, help: str, *, flag: str | None = None, choices=None, parse=None, cli: bool = True):
+    """A job-config field with its --help text and how its generated CLI flag reads it (`add_config_args`):
+    `flag` (default --field-name), `choices`, `parse` (text -> value), `cli=False` for no flag."""
+    meta = {"help": help, "cli": cli, "flag": flag, "choices": choices, "parse": parse}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_numbers(text: str) -> tuple[float, ...]:
+    """'1.0,0.5' -> (1.0, 0.5): positive numbers, comma-separated (flag parser of scale lists)."""
+    try:
+        values = tuple(float(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got '{text}'")
+    return values
+
+
 @dataclass
 class TrainConfig:
     """Settings every CAM-network training shares (data, network, optimiser, loop)."""
@@ -80,28 +100,16 @@ class CamConfig(TrainConfig):
 
 
 @dataclass
-class ClimsConfig(TrainConfig):
-    """CLIMS training (METHODS.md sections 2-3)."""
+class ClipGuidedConfig(TrainConfig):
+    """What the CLIP-guided CAM trainers (CLIMS, QA-CLIMS) share: start, frozen CLIP, prompts, masking."""
 
-    out: str = _f("runs/clims", "output folder; the final network is <out>/camnet.safetensors")
-    lr: float = _f(2.5e-4, "base learning rate (backbone); the head uses lr * head_lr_mult")
     epochs: int = _f(15, "training epochs (ignored when max_steps is set)")
     sync_bn: bool = _f(True, "synchronise BatchNorm statistics across processes under DDP")
     init: str | None = _f(None, "baseline CAM checkpoint to start from (`wsclip train cam` output)")
     clip: str = _f("ViT-B-32", "CLIP weights: a local file, or name:tag for open_clip's registry")
     clip_precision: str = _f("fp32", "CLIP precision: fp32, fp16 or bf16")
-    alpha: float = _f(10.0, "OTM weight")
-    beta: float = _f(24.0, "BTM weight")
-    gamma: float = _f(1.0, "CBS weight")
-    delta: float = _f(0.2, "area (REG) weight")
-    tau: float = _f(0.26, "CBS similarity threshold")
-    text: str = _f("voc", "vocabulary for prompts and background words: voc, coco, synth, or custom")
     template: str = _f(vocab.CLIMS_TEMPLATE, "prompt template")
     class_names: tuple[str, ...] | None = _f(None, "prompt names per class (default: the vocabulary's)")
-    background: tuple[str, ...] | None = _f(None, "co-occurring background words (default: the vocabulary's)")
-    background_per_class: dict | None = _f(
-        None, "JSON {class: [words]}: CBS uses only these words for each class (paper version)"
-    )
     mask_norm: str = _f(
         "clip", "statistics of the masked CLIP inputs: clip (clean) or imagenet (public code's behaviour)"
     )
@@ -109,19 +117,32 @@ class ClimsConfig(TrainConfig):
 
 
 @dataclass
-class QaClimsConfig(TrainConfig):
+class ClimsConfig(ClipGuidedConfig):
+    """CLIMS training (METHODS.md sections 2-3)."""
+
+    out: str = _f("runs/clims", "output folder; the final network is <out>/camnet.safetensors")
+    lr: float = _f(2.5e-4, "base learning rate (backbone); the head uses lr * head_lr_mult")
+    alpha: float = _f(10.0, "OTM weight")
+    beta: float = _f(24.0, "BTM weight")
+    gamma: float = _f(1.0, "CBS weight")
+    delta: float = _f(0.2, "area (REG) weight")
+    tau: float = _f(0.26, "CBS similarity threshold")
+    text: str = _f("voc", "vocabulary for prompts and background words: voc, coco, synth, or custom")
+    background: tuple[str, ...] | None = _f(None, "co-occurring background words (default: the vocabulary's)")
+    background_per_class: dict | None = _f(
+        None, "JSON {class: [words]}: CBS uses only these words for each class (paper version)"
+    )
+
+
+@dataclass
+class QaClimsConfig(ClipGuidedConfig):
     """QA-CLIMS training (METHODS.md section 4): CLIMS's CAM net and masking, VQA-answer texts, FRC + BRC + area."""
 
     out: str = _f("runs/qa-clims", "output folder; the final network is <out>/camnet.safetensors")
     lr: float = _f(3.5e-4, "base learning rate (backbone); the head uses lr * head_lr_mult")
     batch_size: int = _f(8, "global batch per optimizer step (all processes and accumulation steps together)")
-    epochs: int = _f(15, "training epochs (ignored when max_steps is set)")
-    sync_bn: bool = _f(True, "synchronise BatchNorm statistics across processes under DDP")
-    init: str | None = _f(None, "baseline CAM checkpoint to start from (`wsclip train cam` output)")
     corpus: tuple[str, ...] = _f((), "VQA corpus: a wsclip JSON file (wsclip qa-corpus), or the original fg.npy bg.npy pair")
     missing: str = _f("error", "(image, class) pairs absent from the corpus: error, or skip (label text only, no contrast)")
-    clip: str = _f("ViT-B-32", "CLIP weights: a local file, or name:tag for open_clip's registry")
-    clip_precision: str = _f("fp32", "CLIP precision: fp32, fp16 or bf16")
     w1: float = _f(10.0, "FRC (foreground region contrast) weight")
     w2: float = _f(8.0, "BRC (background region contrast) weight")
     w3: float = _f(0.2, "area (REG) weight")
@@ -132,10 +153,6 @@ class QaClimsConfig(TrainConfig):
     class_names: tuple[str, ...] | None = _f(
         None, "label names in prompts, one per class (default: readable class names, 'diningtable' -> 'dining table')"
     )
-    mask_norm: str = _f(
-        "clip", "statistics of the masked CLIP inputs: clip (clean) or imagenet (public code's behaviour)"
-    )
-    kernel_backend: str = _f("auto", "masked_batch backend: auto, triton or torch")
 
 
 @dataclass
@@ -305,7 +322,7 @@ def load_yaml(cls, path, base=None):
 
 # ----------------------------------------------------------------------------- CLI mapping
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per dataclass field (--field-name), plus --preset and --config.
+    """Add one flag per dataclass field (--field-name, or the field's `opt` metadata), plus --preset and --config.
 
     Flags default to 'not given', so only what the user types overrides the preset.
     """
@@ -315,13 +332,17 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
     parser.add_argument("--config", type=Path, help="YAML file of settings (overrides the preset)")
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name == "preset":
+        if f.name in skip or f.name == "preset" or not f.metadata.get("cli", True):
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         base, optional = _strip_optional(types_[f.name])
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f.metadata.get("help"))
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
         origin = typing.get_origin(base)
-        if base is bool:
+        if f.metadata.get("parse"):
+            kw["type"] = f.metadata["parse"]
+        elif base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif origin is tuple:
             args = typing.get_args(base)

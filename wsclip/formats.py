@@ -41,8 +41,21 @@ def write_cam_file(path, keys, cam=None, high_res=None, **more) -> None:
         if value is not None:
             arrays[name] = _numpy(value).astype(np.float16)
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+        _write_npz(tmp, arrays)
+
+
+def _write_npz(path, arrays: dict) -> None:
+    """np.savez_compressed's layout with fixed zip timestamps, so equal arrays give equal bytes."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(value), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
 
 
 def read_cam_file(path) -> dict:

@@ -1,12 +1,8 @@
 """Benchmark tests: one torch thread (tiny models gain nothing from more, and a shared CI box loses a lot)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every benchmark test on one thread (the `one_thread` fixture of tests/conftest.py)."""

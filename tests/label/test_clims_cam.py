@@ -4,37 +4,35 @@ import json
 
 import numpy as np
 import pytest
+
 import torch
 import torch.nn.functional as F
 
 from wsclip.cli import main
+from wsclip.errors import WsclipError
 from wsclip.eval.metrics import ConfusionMatrix
-from wsclip.label.clims_cam import (evaluate_cams, make_cams, multiscale_cam, multiscale_inputs, parse_thresholds,
+from wsclip.label.clims_cam import (cam_maps, evaluate_cams, make_cams, parse_thresholds,
                                     read_cam_file, write_cam_file)
 from wsclip.models.camnet import build_camnet, save_camnet
 
 
 def _reference_cam(net, image, scales, keys):
-    """Plain per-scale, per-flip loop (no batching), IRN's recipe."""
-    from PIL import Image
-
+    """Plain per-scale, per-flip, per-class loop of the METHODS.md section 2 rule (bilinear everywhere)."""
     h, w = image.shape[:2]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - mean) / std
     low = torch.zeros(len(keys), (h + 3) // 4, (w + 3) // 4)
     high = torch.zeros(len(keys), h, w)
     for s in scales:
-        sh, sw = round(h * s), round(w * s)
-        im = np.array(Image.fromarray(image).resize((sw, sh), Image.BICUBIC))
-        x = (torch.from_numpy(im).permute(2, 0, 1).float() / 255 - mean) / std
+        xs = x[None] if s == 1.0 else F.interpolate(x[None], scale_factor=s, mode="bilinear", align_corners=False)
         with torch.no_grad():
-            a = F.relu(net(x[None]))[0]
-            b = F.relu(net(x.flip(-1)[None]))[0].flip(-1)
+            a = F.relu(net(xs))[0]
+            b = F.relu(net(xs.flip(-1)))[0].flip(-1)
         for n, k in enumerate(keys):
-            m = (a[k] + b[k])[None, None]
-            low[n] += F.interpolate(m, low.shape[1:], mode="bilinear", align_corners=False)[0, 0]
-            up = F.interpolate(m, ((h + 15) // 16 * 16, (w + 15) // 16 * 16), mode="bilinear", align_corners=False)
-            high[n] += up[0, 0, :h, :w]
+            for m in (a[k][None, None], b[k][None, None]):
+                low[n] += F.interpolate(m, low.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+                high[n] += F.interpolate(m, (h, w), mode="bilinear", align_corners=False)[0, 0]
     for t in (low, high):
         for n in range(len(keys)):
             t[n] /= t[n].max() + 1e-5
@@ -42,18 +40,16 @@ def _reference_cam(net, image, scales, keys):
 
 
 @pytest.mark.parametrize("hw", [(37, 50), (64, 31)])
-def test_multiscale_cam_matches_plain_loop(hw):
+def test_cam_maps_match_plain_loop(hw):
     net = build_camnet("tiny", num_classes=5).eval()
     image = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
-    keys = torch.tensor([1, 4])
     scales = (1.0, 0.5, 1.5)
-    low, high = multiscale_cam(net, multiscale_inputs(image, scales), hw, keys)
+    low, high = cam_maps(net, image, [1, 4], scales)
     ref_low, ref_high = _reference_cam(net, image, scales, [1, 4])
     torch.testing.assert_close(low, ref_low, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(high, ref_high, rtol=1e-4, atol=1e-5)
-    assert low.shape == (2, (hw[0] + 3) // 4, (hw[1] + 3) // 4) and high.shape == (2, *hw)
     assert torch.all(high.amax(dim=(1, 2)) <= 1) and torch.all(high >= 0)
-    empty_low, empty_high = multiscale_cam(net, multiscale_inputs(image, (1.0,)), hw, torch.tensor([], dtype=torch.long))
+    empty_low, empty_high = cam_maps(net, image, [], (1.0,))
     assert empty_low.shape == (0, *low.shape[1:]) and empty_high.shape == (0, *hw)
 
 
@@ -89,8 +85,11 @@ def test_cam_files_on_voc14_resume_and_eval(voc14, tmp_path):
         assert z["cam"].dtype == np.float16 and z["high_res"].dtype == np.float16
         assert z["cam"].shape == (len(z["keys"]), 129, 129) and z["high_res"].shape == (len(z["keys"]), 513, 513)
         assert np.isfinite(z["high_res"]).all() and z["high_res"].max() <= 1.0 and z["high_res"].min() >= 0
-    res = make_cams(ckpt, str(voc14), out, split="val", scales=(0.5,), device="cpu", num_workers=0)
-    assert res == {"written": 0, "skipped": 14, "total": 14}
+    res = make_cams(ckpt, str(voc14), out, split="val", scales=(0.5, 0.25), device="cpu", num_workers=0)
+    assert res == {"written": 0, "skipped": 14, "failed": [], "total": 14}
+    # other scales into the same folder would mix single- and multi-scale files: refused (issue 15)
+    with pytest.raises(WsclipError, match="other settings.*scales"):
+        make_cams(ckpt, str(voc14), out, split="val", scales=(0.5,), device="cpu", num_workers=0)
 
     # eval-cam over a threshold sweep: the random net's figures, and the CLI table
     rc = main(["eval-cam", "--cams", str(out), "--gt", str(voc14 / "SegmentationClass"),

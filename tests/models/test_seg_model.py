@@ -12,12 +12,7 @@ from wsclip.errors import CheckpointError, MissingFileError, WsclipError
 from wsclip.models.seg import build_backbone, build_seg_model, load_seg_model, save_seg_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ceil_div(a, b):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsclip.constants import CAM_BG_THRESHOLD, IMAGENET_MEAN, IMAGENET_STD
+from wsclip.constants import CAM_BG_THRESHOLD, CAM_STRIDE, IMAGENET_MEAN, IMAGENET_STD
 from wsclip.errors import ShapeError, WsclipError
 from wsclip.label.masks import background_argmax
 
@@ -96,6 +96,28 @@ class TorchLabelerMixin:
         return {k: v.cpu().numpy() for k, v in zip(self.output_names, outs)}
 
 
+def strided_size(hw, stride: int) -> tuple[int, int]:
+    """ceil(H/stride), ceil(W/stride)."""
+    return (int(hw[0]) + stride - 1) // stride, (int(hw[1]) + stride - 1) // stride
+
+
+def multiscale_cams(camnet: nn.Module, x: torch.Tensor, scales: Sequence[float], flip: bool, sizes) -> list[torch.Tensor]:
+    """The one CAM inference rule (METHODS.md section 2), batched: for normalised images x (B, 3, H, W),
+    relu CAMs at every scale (input resized bilinearly) and, with `flip`, of the mirrored input, each
+    upsampled bilinearly to every size in `sizes` and summed. Returns one (B, K, h, w) per size, not normalised.
+    """
+    totals: list = [None] * len(sizes)
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        raw = F.relu(camnet(xs))
+        if flip:
+            raw = raw + torch.flip(F.relu(camnet(torch.flip(xs, dims=[3]))), dims=[3])
+        for n, size in enumerate(sizes):
+            c = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
+            totals[n] = c if totals[n] is None else totals[n] + c
+    return totals
+
+
 class CamLabeler(TorchLabelerMixin, nn.Module):
     """Normalisation + CAM network (relu CAMs) + bilinear upsampling + class selection + max normalisation.
 
@@ -123,26 +145,18 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
         self.flip = bool(flip)
         self.eps = float(eps)
 
-    def _cams_at(self, x: torch.Tensor, size) -> torch.Tensor:
-        raw = self.camnet(x)
-        return F.interpolate(F.relu(raw), size=size, mode="bilinear", align_corners=False)
-
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
-        size = images.shape[-2:]
-        x = self.normalize(images)
-        total = None
-        for s in self.scales:
-            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-            views = [xs, torch.flip(xs, dims=[3])] if self.flip else [xs]
-            for v, flipped in zip(views, (False, True)):
-                c = self._cams_at(v, size)
-                c = torch.flip(c, dims=[3]) if flipped else c
-                total = c if total is None else total + c
-        cams = total
-        if labels is not None:
-            cams = cams * labels.to(cams.dtype)[:, :, None, None]
-        cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + self.eps)
+        cams = self.cams(images, labels)[0]
         return cams, background_argmax(cams, self.bg_threshold)
+
+    def cams(self, images: torch.Tensor, labels: torch.Tensor | None = None, low: bool = False) -> list[torch.Tensor]:
+        """[full-size CAMs (B, K, H, W)] (+ stride-4 CAMs (B, K, ceil(H/4), ceil(W/4)) with low=True), max-normalised."""
+        hw = tuple(images.shape[-2:])
+        sizes = [hw, strided_size(hw, CAM_STRIDE)] if low else [hw]
+        out = multiscale_cams(self.camnet, self.normalize(images), self.scales, self.flip, sizes)
+        if labels is not None:
+            out = [c * labels.to(c.dtype)[:, :, None, None] for c in out]
+        return [c / (c.amax(dim=(2, 3), keepdim=True) + self.eps) for c in out]
 
     def config(self) -> dict:
         """Settings a sidecar records so the same labeler can be rebuilt."""

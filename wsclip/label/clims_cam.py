@@ -1,8 +1,9 @@
-"""Multi-scale CAM inference for CAM networks (CLIMS, baseline) and CAM evaluation.
+"""`wsclip cam --method clims`: CAM files of a dataset from a CAM network (CLIMS, baseline); CAM evaluation.
 
 METHODS.md section 2: relu CAMs at scales (1.0, 0.5, 1.5, 2.0), each with its flip,
 summed after bilinear upsampling to the stride-4 size and to the image size; ground-truth
-classes only; each map divided by its spatial max (+1e-5).
+classes only; each map divided by its spatial max (+1e-5). The rule itself lives in
+`wsclip.label.cam_labeler` (one CAM predictor for `wsclip cam`, `wsclip label` and the server).
 
 CAM file format (shared with CLIP-ES): one compressed `<id>.npz` per image with
 "keys" (int64 0-based foreground class indices present in the image), "cam"
@@ -16,89 +17,44 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, WsclipError
 from wsclip.formats import read_cam_file, write_cam_file  # noqa: F401 - re-exported
-from wsclip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
+from wsclip.models.camnet import load_camnet
+from wsclip.constants import CAM_SCALES
 
-DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
-
-
-def strided_size(hw, stride: int) -> tuple[int, int]:
-    """ceil(H/stride), ceil(W/stride)."""
-    return (hw[0] + stride - 1) // stride, (hw[1] + stride - 1) // stride
+DEFAULT_SCALES = CAM_SCALES
 
 
-def strided_up_size(hw, stride: int) -> tuple[int, int]:
-    """H and W rounded up to a multiple of stride."""
-    h, w = strided_size(hw, stride)
-    return h * stride, w * stride
+def cam_maps(net, image, keys, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True, amp: bool = False):
+    """(stride-4 CAMs (K', ceil(H/4), ceil(W/4)), full CAMs (K', H, W)) float32 of one RGB uint8 image for `keys`.
+
+    `net`: a CAMNet or a CamLabeler; the rule is `wsclip.label.cam_labeler.multiscale_cams`, the same
+    that `wsclip label`, the server and the exported graph run.
+    """
+    from wsclip.label.cam_labeler import CamLabeler
+    from wsclip.runtime import autocast
+
+    lab = net if isinstance(net, CamLabeler) else CamLabeler(net, [str(k) for k in range(net.num_classes)],
+                                                             scales=scales, flip=flip)
+    device = next(lab.parameters()).device
+    x = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None].to(device)
+    keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1).to(device)
+    y = torch.zeros(1, len(lab.classes), device=device)
+    y[0, keys] = 1.0
+    with torch.inference_mode(), autocast(device, amp):
+        high, low = lab.cams(x, y, low=True)
+    return low[0, keys].float(), high[0, keys].float()
 
 
-def multiscale_inputs(image: np.ndarray, scales: Sequence[float] = DEFAULT_SCALES) -> list[torch.Tensor]:
-    """For each scale, a (2, 3, h, w) ImageNet-normalised batch: the rescaled image and its flip."""
-    from wsclip.data.transforms import resize_image
-
+def load_image_and_keys(dataset, i: int) -> dict:
+    """{"id", "image" RGB uint8 (H, W, 3), "keys" 0-based present classes} of dataset item i (DataLoader side)."""
+    item = dataset[i]
+    image = np.asarray(item["image"])
     if image.ndim != 3 or image.shape[2] != 3:
         raise BadFileError(f"expected an RGB (H, W, 3) image, got shape {image.shape}")
-    h, w = image.shape[:2]
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    out = []
-    for s in scales:
-        size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
-        im = resize_image(np.ascontiguousarray(image), size)  # bicubic (PIL for uint8)
-        x = torch.tensor(np.asarray(im)).permute(2, 0, 1).float()
-        if image.dtype == np.uint8:
-            x = x / 255.0
-        x = (x - mean) / std
-        out.append(torch.stack([x, x.flip(-1)]))
-    return out
-
-
-@torch.no_grad()
-def multiscale_cam(net, inputs: Sequence[torch.Tensor], hw, keys: torch.Tensor, amp: bool = False):
-    """(stride-4 CAM (K', ceil(H/4), ceil(W/4)), full CAM (K', H, W)) float32, max-normalised, for `keys`."""
-    device = next(net.parameters()).device
-    keys = keys.to(device)
-    h4 = strided_size(hw, 4)
-    up = strided_up_size(hw, 16)
-    low = torch.zeros(len(keys), *h4, device=device)
-    high = torch.zeros(len(keys), *hw, device=device)
-    if len(keys) == 0:
-        return low, high
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else torch.autocast("cpu", enabled=False)
-    for x in inputs:
-        with ctx:
-            raw = net(x.to(device, non_blocking=True))
-        cam = F.relu(raw.float()[:, keys])  # (2, K', h, w)
-        cam = (cam[0] + cam[1].flip(-1))[None]
-        low += F.interpolate(cam, h4, mode="bilinear", align_corners=False)[0]
-        high += F.interpolate(cam, up, mode="bilinear", align_corners=False)[0, :, : hw[0], : hw[1]]
-    low /= low.amax(dim=(1, 2), keepdim=True) + 1e-5
-    high /= high.amax(dim=(1, 2), keepdim=True) + 1e-5
-    return low, high
-
-
-class _Prepared(torch.utils.data.Dataset):
-    """Runs in DataLoader workers: decode + multi-scale resize + normalise."""
-
-    def __init__(self, dataset, indices, scales):
-        self.dataset, self.indices, self.scales = dataset, list(indices), tuple(scales)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, n):
-        item = self.dataset[self.indices[n]]
-        image = np.asarray(item["image"])
-        keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten()
-        return {"id": item["id"], "hw": image.shape[:2], "keys": keys, "inputs": multiscale_inputs(image, self.scales)}
-
-
-def _identity(x):
-    return x
+    keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten()
+    return {"id": item["id"], "image": np.require(image, np.uint8, ["C", "W"]), "keys": keys}
 
 
 def make_cams(
@@ -111,23 +67,25 @@ def make_cams(
     num_workers: int = 2,
     amp: bool = False,
     on_image: Callable[[str], None] | None = None,
+    restart: bool = False,
+    on_error: str = "skip",
 ) -> dict:
-    """Write `<out_dir>/<id>.npz` CAMs for every image of `data` (a spec or a dataset); resumes.
+    """Write `<out_dir>/<id>.npz` CAMs for every image of `data` (a spec or a dataset); resumable (`wsclip.jobs`).
 
-    checkpoint: a CAM network checkpoint path or a CAMNet. Images whose file exists are
-    skipped. Returns {"written", "skipped", "total"}.
+    checkpoint: a CAM network checkpoint path or a CAMNet. Every scale runs with its flip.
+    Returns {"written", "skipped", "failed", "total"}.
     """
-    from wsclip.models.camnet import load_camnet
-    from wsclip.progress import progress
+    from wsclip.jobs import Job, file_fingerprint, load_items
+    from wsclip.label.cam_labeler import CamLabeler
     from wsclip.runtime import resolve_device
 
     dev = resolve_device(device)
     if isinstance(checkpoint, torch.nn.Module):
         net = checkpoint.to(dev).eval()
-        classes = None
+        classes, source = None, {"module": type(checkpoint).__name__}
     else:
         net, meta = load_camnet(checkpoint, device=dev)
-        classes = meta.get("classes")
+        classes, source = meta.get("classes"), file_fingerprint(checkpoint)
     if isinstance(data, (str, Path)):
         from wsclip.data import open_images
 
@@ -141,22 +99,14 @@ def make_cams(
         )
     if not scales or any(s <= 0 for s in scales):
         raise WsclipError(f"scales must be positive numbers, got {list(scales)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, image_id in enumerate(ds.ids) if not (out / f"{image_id}.npz").is_file()]
-    skipped = len(ds) - len(todo)
-    loader = torch.utils.data.DataLoader(
-        _Prepared(ds, todo, scales), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_identity, pin_memory=dev.type == "cuda",
-    )
-    written = 0
-    for item in progress(loader, total=len(todo), desc="cam", unit="img"):
-        low, high = multiscale_cam(net, item["inputs"], tuple(item["hw"]), item["keys"], amp=amp)
-        write_cam_file(out / f"{item['id']}.npz", item["keys"], low, high)
-        written += 1
-        if on_image is not None:
-            on_image(item["id"])
-    return {"written": written, "skipped": skipped, "total": len(ds)}
+    lab = CamLabeler(net, list(ds.classes), scales=scales, flip=True).to(dev)
+    settings = {"method": "clims", "checkpoint": source, "scales": [float(s) for s in scales], "amp": bool(amp)}
+    with Job("cam", out_dir, settings, restart=restart, on_error=on_error, suffix=".npz", on_item=on_image) as job:
+        for item in load_items(job, ds, job.start(list(ds.ids)), load_image_and_keys, num_workers):
+            with job.item(item["id"]):
+                low, high = cam_maps(lab, item["image"], item["keys"], amp=amp)
+                write_cam_file(job.out / f"{item['id']}.npz", item["keys"], low, high)
+        return job.result()
 
 
 # ============================================================================ evaluation

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -227,25 +227,12 @@ def write_cam_npz(path, arrays: dict) -> None:
 
 
 # ============================================================================ dataset runner
-class _Decoded(torch.utils.data.Dataset):
-    """DataLoader side: decode the image and read its labels (no resizing: that happens on the device)."""
+def _decoded(dataset, i: int) -> dict:
+    """DataLoader side: the image as a tensor (no resizing: that happens on the device) and its classes."""
+    from wsclip.label.clims_cam import load_image_and_keys
 
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, n):
-        item = self.dataset[self.indices[n]]
-        keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten().tolist()
-        image = np.asarray(item["image"])
-        image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
-        return {"id": item["id"], "image": torch.from_numpy(image), "keys": keys}
-
-
-def _identity(x):
-    return x
+    item = load_image_and_keys(dataset, i)
+    return {**item, "image": torch.from_numpy(item["image"]), "keys": item["keys"].tolist()}
 
 
 def bucket_by_shape(items: Iterable[dict], key: Callable[[dict], tuple], batch_size: int,
@@ -282,13 +269,16 @@ def make_clip_es_cams(
     precision: str = "fp32",
     num_workers: int = 2,
     on_image: Callable[[str], None] | None = None,
+    restart: bool = False,
+    on_error: str = "skip",
 ) -> dict:
-    """Write `<out_dir>/<id>.npz` CLIP-ES CAMs for every image of `data` (a spec or a dataset); resumes.
+    """Write `<out_dir>/<id>.npz` CLIP-ES CAMs for every image of `data` (a spec or a dataset); resumable.
 
-    clip: a checkpoint path (loaded with `wsclip.models.clip.load_clip`) or a ClipModel. Images whose
-    file exists are skipped. Returns {"written", "skipped", "total"}.
+    clip: a checkpoint path (loaded with `wsclip.models.clip.load_clip`) or a ClipModel. Runs as a
+    `wsclip.jobs.Job` ("cam": a resume with other settings is refused). Returns {"written",
+    "skipped", "failed", "total"}.
     """
-    from wsclip.progress import progress
+    from wsclip.jobs import Job, load_items
     from wsclip.runtime import resolve_device
 
     cfg = cfg or ClipEsConfig()
@@ -306,43 +296,29 @@ def make_clip_es_cams(
     else:
         ds = data
     labeler = ClipEs(clip, ds.classes, cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, image_id in enumerate(ds.ids) if not (out / f"{image_id}.npz").is_file()]
-    skipped = len(ds) - len(todo)
-    loader = torch.utils.data.DataLoader(_Decoded(ds, todo), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_identity)
-    written = 0
-    bar = progress(total=len(todo), desc="cam clip-es", unit="img")
-    pending: list = []
+    settings = {"method": "clip-es", "clip": _clip_fingerprint(clip), "precision": precision, **asdict(cfg)}
+    with Job("cam", out_dir, settings, restart=restart, on_error=on_error, suffix=".npz", desc="cam clip-es",
+             on_item=on_image) as job:
+        decoded = load_items(job, ds, job.start(list(ds.ids)), _decoded, num_workers)
+        with ThreadPoolExecutor(max_workers=2) as writers:  # zlib releases the GIL: writes overlap compute
+            for batch in bucket_by_shape(decoded, lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
+                                         cfg.batch_size):
+                results = labeler.label([it["image"] for it in batch], [it["keys"] for it in batch])
+                for it, res in zip(batch, results):
+                    arrays = {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in res.items()}
+                    job.submit(writers, it["id"], write_cam_npz, job.out / f"{it['id']}.npz", arrays)
+                job.drain(keep=2 * cfg.batch_size)
+                job.raise_failure()
+            job.drain(keep=0)
+        return job.result()
 
-    def drain(wait_for: int = 0) -> None:
-        """Collect finished writes (and wait for the oldest until at most `wait_for` remain)."""
-        nonlocal written
-        keep = []
-        for n, (image_id, fut) in enumerate(pending):
-            if fut.done() or len(pending) - n > wait_for:
-                fut.result()  # re-raises a failed write
-                written += 1
-                bar.update(1)
-                if on_image is not None:
-                    on_image(image_id)
-            else:
-                keep.append((image_id, fut))
-        pending[:] = keep
 
-    with ThreadPoolExecutor(max_workers=2) as writers:  # zlib releases the GIL: writes overlap compute
-        for batch in bucket_by_shape(loader, lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
-                                     cfg.batch_size):
-            results = labeler.label([it["image"] for it in batch], [it["keys"] for it in batch])
-            for it, res in zip(batch, results):
-                arrays = {k: (v.half() if v.is_floating_point() else v).cpu() for k, v in res.items()}
-                pending.append((it["id"], writers.submit(write_cam_npz, out / f"{it['id']}.npz", arrays)))
-            drain(wait_for=2 * cfg.batch_size)
-        drain(wait_for=0)
-    bar.close()
-    return {"written": written, "skipped": skipped, "total": len(ds)}
+def _clip_fingerprint(clip) -> dict | None:
+    """The CLIP file a ClipModel was loaded from (hashed), or its name."""
+    from wsclip.jobs import file_fingerprint
 
+    path = getattr(clip, "path", None) or getattr(clip, "source", None)
+    return file_fingerprint(path) if path and Path(str(path)).is_file() else {"name": getattr(clip, "name", None)}
 
 
 def caa_refine_cam_files(
@@ -356,6 +332,8 @@ def caa_refine_cam_files(
     device: str = "auto",
     precision: str = "fp32",
     on_image: Callable[[str], None] | None = None,
+    restart: bool = False,
+    on_error: str = "skip",
 ) -> dict:
     """CAA alone (`wsclip refine caa`): refine the `key` maps of existing CAM files with CLIP's attention.
 
@@ -364,9 +342,7 @@ def caa_refine_cam_files(
     (refined, patch grid), "high_res" (refined, image size) and "high_res_raw" (the input maps).
     Existing outputs are skipped. Returns {"written", "skipped", "total"}.
     """
-    from wsclip.formats import read_cam_file
-    from wsclip.progress import progress
-    from wsclip.refine.caa import box_mask, refine, refine_from_attention, transition
+    from wsclip.jobs import Job
     from wsclip.runtime import resolve_device
 
     cfg = cfg or ClipEsConfig()
@@ -383,30 +359,34 @@ def caa_refine_cam_files(
 
         ds = open_images(data, split)
     labeler = ClipEs(clip, ds.classes, cfg)
-    cam_dir, out = Path(cam_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ds.ids if not (out / f"{i}.npz").is_file()]
-    written = 0
-    for image_id in progress(todo, desc="refine caa", unit="img"):
-        z = read_cam_file(cam_dir / f"{image_id}.npz")
-        maps = torch.as_tensor(np.asarray(z[key], dtype=np.float32), device=labeler.device)
-        image = ds.load_image(ds.index(image_id))
-        if tuple(maps.shape[1:]) != tuple(image.shape[:2]):
-            raise ShapeError(f"{cam_dir / (image_id + '.npz')}: '{key}' maps are {tuple(maps.shape[1:])}, "
-                             f"the image {tuple(image.shape[:2])}")
-        with torch.no_grad():
-            trace = clip.vit_forward(labeler.preprocess(image)[None], attn_layers=labeler.attn_layers)
-        h, w = trace.grid
-        attn = torch.stack(trace.attn).mean(0)[:, 1:, 1:].float()
-        low = gradcam_minmax(F.interpolate(maps[None], size=(h, w), mode="area")) if len(maps) else maps.new_zeros(1, 0, h, w)
-        if cfg.box_compat:
-            masks = torch.stack([box_mask(m, labeler.box_threshold, compat=True) for m in low[0]])[None]
-            refined = refine(low, transition(attn, backend=cfg.backend), masks, backend=cfg.backend)[0]
-        else:
-            refined = refine_from_attention(attn, low, labeler.box_threshold, backend=cfg.backend)[0]
-        write_cam_npz(out / f"{image_id}.npz", {"keys": z["keys"], "cam": refined,
-                                                 "high_res": _upsample(refined, image.shape[:2]), "high_res_raw": maps})
-        written += 1
-        if on_image is not None:
-            on_image(image_id)
-    return {"written": written, "skipped": len(ds.ids) - len(todo), "total": len(ds.ids)}
+    cam_dir = Path(cam_dir)
+    settings = {"cams": str(cam_dir), "key": key, "clip": _clip_fingerprint(clip), "precision": precision, **asdict(cfg)}
+    with Job("refine caa", out_dir, settings, restart=restart, on_error=on_error, suffix=".npz",
+             on_item=on_image) as job:
+        for image_id in job.start(list(ds.ids)):
+            with job.item(image_id):
+                _caa_refine_one(clip, labeler, ds, cam_dir / f"{image_id}.npz", job.out / f"{image_id}.npz", key, cfg)
+        return job.result()
+
+
+def _caa_refine_one(clip, labeler: ClipEs, ds, src: Path, dst: Path, key: str, cfg: ClipEsConfig) -> None:
+    from wsclip.formats import read_cam_file
+    from wsclip.refine.caa import box_mask, refine, refine_from_attention, transition
+
+    image_id = src.stem
+    z = read_cam_file(src)
+    maps = torch.as_tensor(np.asarray(z[key], dtype=np.float32), device=labeler.device)
+    image = ds.load_image(ds.index(image_id))
+    if tuple(maps.shape[1:]) != tuple(image.shape[:2]):
+        raise ShapeError(f"{src}: '{key}' maps are {tuple(maps.shape[1:])}, the image {tuple(image.shape[:2])}")
+    with torch.no_grad():
+        trace = clip.vit_forward(labeler.preprocess(image)[None], attn_layers=labeler.attn_layers)
+    h, w = trace.grid
+    attn = torch.stack(trace.attn).mean(0)[:, 1:, 1:].float()
+    low = gradcam_minmax(F.interpolate(maps[None], size=(h, w), mode="area")) if len(maps) else maps.new_zeros(1, 0, h, w)
+    if cfg.box_compat:
+        masks = torch.stack([box_mask(m, labeler.box_threshold, compat=True) for m in low[0]])[None]
+        refined = refine(low, transition(attn, backend=cfg.backend), masks, backend=cfg.backend)[0]
+    else:
+        refined = refine_from_attention(attn, low, labeler.box_threshold, backend=cfg.backend)[0]
+    write_cam_file(dst, z["keys"], refined, _upsample(refined, image.shape[:2]), high_res_raw=maps)

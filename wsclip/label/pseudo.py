@@ -10,8 +10,7 @@ or mismatched CAM file is reported by name and skipped (`on_error="skip"`) or st
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -175,15 +174,16 @@ def make_pseudo_masks(
     edges_dir=None,
     device: str = "auto",
     on_image: Callable[[str], None] | None = None,
+    restart: bool = False,
 ) -> dict:
-    """Write `<out_dir>/<id>.png` for every CAM file of `cam_dir` (or every image of `data`); resumes.
+    """Write `<out_dir>/<id>.png` for every CAM file of `cam_dir` (or every image of `data`); resumable (`wsclip.jobs`).
 
     data: a dataset spec or dataset, needed for the CRF and an IRN network (images) and to choose the
     ids. irn / edges_dir: IRN random walk with boundary maps from a checkpoint or a folder of
     `<id>.npy` (h, w) / `<id>.npz` ("edge") maps at stride 4. Returns {"written", "skipped",
     "failed": [(id, message)], "total"}.
     """
-    from wsclip.progress import progress
+    from wsclip.jobs import Job
 
     cfg = cfg or PseudoConfig()
     cfg.check()
@@ -208,66 +208,52 @@ def make_pseudo_masks(
 
         rw_device = resolve_device(device)  # the random walk runs where the user asked (Triton on CUDA)
     need_image = cfg.crf or irn is not None
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ids if not (out / f"{i}.png").is_file()]
-    failed: list[tuple[str, str]] = []
-    written = 0
     workers = cfg.workers
     if workers is None:
         from wsclip.refine.crf import default_workers
 
         workers = default_workers() if cfg.crf else 0
-    pool = crf_pool(workers) if (cfg.crf and workers > 1) else None
-    inflight: list = []
-    bar = progress(total=len(todo), desc="pseudo", unit="img")
+    settings = _settings(cfg, cam_dir, irn, edges_dir)
+    with Job("pseudo", out, settings, restart=restart, on_error=cfg.on_error, on_item=on_image) as job:
+        pool = crf_pool(workers) if (cfg.crf and workers > 1) else None
+        try:
+            for image_id in job.start(ids):
+                with job.item(image_id):
+                    cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
+                    image = None
+                    if need_image:
+                        image = ds.load_image(ds.index(image_id))
+                        if tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
+                            raise BadFileError(
+                                f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x"
+                                f"{cam['cams'].shape[1]} but the image is {image.shape[1]}x{image.shape[0]}; "
+                                "the CAMs belong to other images")
+                    if edges is not None:
+                        low = cam["file"].get("cam") if cfg.key == "high_res" else None  # "cam" pairs with "high_res"
+                        scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=low, device=rw_device)
+                    else:
+                        scores = stack_scores(cam["cams"], cfg)
+                    work = (image, scores, cam["keys"], job.out / f"{image_id}.png", cfg)
+                    if pool is not None:
+                        job.submit(pool, image_id, _finish, work)
+                        job.drain(keep=2 * workers)
+                        job.raise_failure()
+                        continue  # recorded when it finishes
+                    _finish(work)
+            job.drain(keep=0)
+            job.raise_failure()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        return job.result()
 
-    def collect(limit: int) -> None:
-        nonlocal written
-        while len(inflight) > limit:
-            image_id, fut = inflight.pop(0)
-            fut.result()
-            written += 1
-            bar.update(1)
-            if on_image is not None:
-                on_image(image_id)
 
-    try:
-        for image_id in todo:
-            try:
-                cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
-                image = None
-                if need_image:
-                    image = ds.load_image(ds.index(image_id))
-                    if tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
-                        raise BadFileError(
-                            f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x{cam['cams'].shape[1]} "
-                            f"but the image is {image.shape[1]}x{image.shape[0]}; the CAMs belong to other images"
-                        )
-                if edges is not None:
-                    low = cam["file"].get("cam") if cfg.key == "high_res" else None  # "cam" pairs with "high_res"
-                    scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=low, device=rw_device)
-                else:
-                    scores = stack_scores(cam["cams"], cfg)
-            except (BadFileError, MissingFileError) as exc:
-                if cfg.on_error == "fail":
-                    raise
-                failed.append((image_id, str(exc)))
-                print(f"wsclip pseudo: skipped {image_id}: {exc}", file=sys.stderr)
-                bar.update(1)
-                continue
-            job = (image, scores, cam["keys"], out / f"{image_id}.png", cfg)
-            if pool is None:
-                _finish(job)
-                written += 1
-                bar.update(1)
-                if on_image is not None:
-                    on_image(image_id)
-            else:
-                inflight.append((image_id, pool.submit(_finish, job)))
-                collect(2 * workers)
-        collect(0)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    return {"written": written, "skipped": len(ids) - len(todo), "failed": failed, "total": len(ids)}
+def _settings(cfg: PseudoConfig, cam_dir: Path, irn, edges_dir) -> dict:
+    """What pseudo masks depend on (a resume with other settings is refused)."""
+    from wsclip.jobs import file_fingerprint
+
+    s = asdict(cfg)
+    for k in ("workers", "on_error"):
+        s.pop(k)
+    return {**s, "cams": str(cam_dir), "edges": str(edges_dir) if edges_dir else None,
+            "irn": file_fingerprint(irn) if isinstance(irn, (str, Path)) else (type(irn).__name__ if irn else None)}

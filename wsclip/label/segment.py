@@ -4,12 +4,11 @@ Each image runs whole (no crop) at every scale, with its horizontal flip; the so
 probabilities, upsampled bilinearly to the image size, are averaged; an optional dense CRF
 (CLIP-ES/DeepLab settings) refines them; the argmax is written as a palette PNG
 `<out>/<id>.png` (0 = background, k = class k), which `wsclip eval --pred` reads.
-Images whose PNG exists are skipped, so an interrupted run resumes.
+A `wsclip.jobs.Job`: finished images are skipped, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,29 +42,17 @@ def segment_probs(net, image: np.ndarray, scales: Sequence[float] = DEFAULT_SCAL
         return net.predict(x, scales, flip)[0].float()
 
 
-def _crf_argmax(job) -> np.ndarray:
+def _crf_write(work) -> None:
+    """Worker side: dense CRF of the probabilities, argmax, atomic PNG write."""
+    from wsclip.io import write_mask
     from wsclip.refine.crf import dense_crf
 
-    image, probs, params = job
-    return dense_crf(image, probs, params).argmax(0).astype(np.uint8)
+    image, probs, params, path = work
+    write_mask(path, dense_crf(image, probs, params).argmax(0).astype(np.uint8))
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers."""
-
-    def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, n):
-        i = self.indices[n]
-        return self.dataset.ids[i], np.asarray(self.dataset.load_image(i))
-
-
-def _identity(x):
-    return x
+def _load(dataset, i: int) -> dict:
+    return {"id": dataset.ids[i], "image": np.asarray(dataset.load_image(i))}
 
 
 def parse_scales(spec: str) -> list[float]:
@@ -93,16 +80,17 @@ def segment(
     num_workers: int = 2,
     amp: bool = False,
     on_image: Callable[[str], None] | None = None,
+    restart: bool = False,
+    on_error: str = "skip",
 ) -> dict:
     """Write `<out_dir>/<id>.png` masks for every image of `images` (a folder, dataset spec or dataset).
 
-    checkpoint: a `wsclip train seg` checkpoint path or a SegNet. Finished PNGs are skipped.
+    checkpoint: a `wsclip train seg` checkpoint path or a SegNet. Resumable (`wsclip.jobs`).
     With crf, a dense CRF refines the probabilities in `crf_workers` processes (default: all
     cores). Returns {"written", "skipped", "total"}.
     """
     from wsclip.io import write_mask
     from wsclip.models.seg import load_seg_model
-    from wsclip.progress import progress
     from wsclip.runtime import resolve_device
 
     dev = resolve_device(device)
@@ -125,44 +113,35 @@ def segment(
         check_available()
         params = crf_params or CRFParams()
         crf_workers = default_workers() if crf_workers is None else max(1, int(crf_workers))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, image_id in enumerate(ds.ids) if not (out / f"{image_id}.png").is_file()]
-    loader = torch.utils.data.DataLoader(_Images(ds, todo), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_identity)
-    written = 0
+    from wsclip.jobs import Job, file_fingerprint, load_items
 
-    def done(image_id, mask):
-        nonlocal written
-        write_mask(out / f"{image_id}.png", mask)
-        written += 1
-        if on_image is not None:
-            on_image(image_id)
+    settings = {"checkpoint": file_fingerprint(checkpoint) if isinstance(checkpoint, (str, Path)) else None,
+                "scales": [float(x) for x in scales], "flip": bool(flip), "crf": bool(crf), "amp": bool(amp),
+                "crf_params": repr(params) if crf else None}
+    with Job("segment", out_dir, settings, restart=restart, on_error=on_error, on_item=on_image) as job:
+        pool = None
+        if crf and crf_workers > 1:
+            from wsclip.refine.crf import crf_pool
 
-    pool = None
-    if crf and crf_workers > 1:
-        from wsclip.refine.crf import crf_pool
-
-        pool = crf_pool(crf_workers)
-    pending: deque = deque()
-    try:
-        for image_id, image in progress(loader, total=len(todo), desc="segment", unit="img"):
-            probs = segment_probs(net, image, scales, flip, meta.get("mean"), meta.get("std"), amp=amp)
-            if not crf:
-                done(image_id, probs.argmax(0).to(torch.uint8).cpu().numpy())
-                continue
-            job = (image, probs.cpu().numpy(), params)
-            if pool is None:
-                done(image_id, _crf_argmax(job))
-                continue
-            pending.append((image_id, pool.submit(_crf_argmax, job)))
-            while len(pending) > 2 * crf_workers:  # bounded: the network does not run ahead of the CRF
-                image_id, fut = pending.popleft()
-                done(image_id, fut.result())
-        while pending:
-            image_id, fut = pending.popleft()
-            done(image_id, fut.result())
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    return {"written": written, "skipped": len(ds.ids) - len(todo), "total": len(ds.ids)}
+            pool = crf_pool(crf_workers)
+        try:
+            for item in load_items(job, ds, job.start(list(ds.ids)), _load, num_workers):
+                image_id, image = item["id"], item["image"]
+                path = job.out / f"{image_id}.png"
+                probs = segment_probs(net, image, scales, flip, meta.get("mean"), meta.get("std"), amp=amp)
+                if pool is not None:
+                    job.submit(pool, image_id, _crf_write, (image, probs.cpu().numpy(), params, path))
+                    job.drain(keep=2 * crf_workers)  # bounded: the network does not run ahead of the CRF
+                    job.raise_failure()
+                    continue
+                with job.item(image_id):
+                    if crf:
+                        _crf_write((image, probs.cpu().numpy(), params, path))
+                    else:
+                        write_mask(path, probs.argmax(0).to(torch.uint8).cpu().numpy())
+            job.drain(keep=0)
+            job.raise_failure()
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        return job.result()

@@ -24,24 +24,20 @@ from __future__ import annotations
 import glob as globlib
 import json
 import os
-import time
-from collections import deque
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from wsclip.errors import DatasetLayoutError, MissingFileError, WsclipError
+from wsclip.jobs import MANIFEST, ON_ERROR, Job, Manifest, error_record  # noqa: F401 - re-exported
 from wsclip.serve.labelers import LabelerConfig, LabelResult, host_image
 from wsclip.workers import die_with_parent
 
-MANIFEST = "manifest.jsonl"
 CONFIG_FILE = "label_config.json"
-LOCK_FILE = ".wsclip-label.lock"
-ON_ERROR = ("skip", "fail")
 DECODERS = ("auto", "cpu", "gpu")
 _GLOB_CHARS = "*?["
 
@@ -246,54 +242,6 @@ def _head(src: ImageSource, n: int) -> ImageSource:
                        labels=src.labels, classes=src.classes)
 
 
-# ============================================================================ manifest
-class Manifest:
-    """Append-only JSON-lines record of finished images (the last record of an id wins).
-
-    A run killed mid-line leaves a partial last line: reading drops it and truncates the file to
-    its last complete line, so later appends stay valid JSON lines.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.records: dict[str, dict] = {}
-        if self.path.is_file():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):  # partial tail from a killed run
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
-            data = data[:end]
-        for line in data.decode("utf-8", errors="replace").splitlines():
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and "id" in rec:
-                self.records[str(rec["id"])] = rec
-
-    def finished(self, out_dir: Path) -> set[str]:
-        """Ids whose last record is ok and whose mask file exists."""
-        return {i for i, r in self.records.items() if r.get("status") == "ok" and (out_dir / f"{i}.png").is_file()}
-
-    def append(self, records: Iterable[dict]) -> None:
-        records = list(records)
-        if not records:
-            return
-        text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        for r in records:
-            self.records[str(r["id"])] = r
-
-
 # ============================================================================ options and per-image work
 @dataclass
 class OutputOptions:
@@ -327,17 +275,8 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
     files = []
     if opts.cams and result.cams is not None:
         from wsclip.formats import write_cam_file
-        from wsclip.label.clims_cam import strided_size
 
-        high = torch.from_numpy(result.cams)
-        low = high
-        if len(high):
-            low = torch.nn.functional.interpolate(high[None], size=strided_size(mask.shape, 4), mode="bilinear",
-                                                  align_corners=False)[0]
-            low = low / (low.amax(dim=(1, 2), keepdim=True) + 1e-5)
-        else:
-            low = high.new_zeros(0, *strided_size(mask.shape, 4))
-        write_cam_file(out / "cams" / f"{image_id}.npz", result.keys, low, high)
+        write_cam_file(out / "cams" / f"{image_id}.npz", result.keys, cam_low(result), result.cams)
         files.append(f"cams/{image_id}.npz")
     if opts.overlays:
         from wsclip.eval.viz import encode_png, overlay
@@ -353,8 +292,20 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
     return rec
 
 
-def error_record(image_id: str, message: str) -> dict:
-    return {"id": image_id, "status": "error", "error": message}
+def cam_low(result: LabelResult) -> np.ndarray:
+    """The stride-4 maps of a CAM file: the predictor's own (PyTorch) or, for exported graphs (which output
+    full-size CAMs only), the full-size maps resized bilinearly and max-normalised."""
+    if result.low is not None:
+        return result.low
+    from wsclip.constants import CAM_EPS, CAM_STRIDE
+    from wsclip.label.cam_labeler import strided_size
+
+    high = torch.from_numpy(result.cams)
+    size = strided_size(high.shape[-2:], CAM_STRIDE)
+    if not len(high):
+        return np.zeros((0, *size), np.float32)
+    low = torch.nn.functional.interpolate(high[None], size=size, mode="bilinear", align_corners=False)[0]
+    return (low / (low.amax(dim=(1, 2), keepdim=True) + CAM_EPS)).numpy()
 
 
 def label_window(labeler, items: Sequence[tuple], want_cams: bool) -> tuple[list[tuple], list[dict]]:
@@ -468,36 +419,16 @@ def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: Imag
             "labels": "given" if source.has_labels else "predicted", "decoder": decoder}
 
 
-def _prepare_out(out: Path, settings: dict, restart: bool):
-    """Lock the output folder, clean stale temporary files, check that earlier outputs match these settings."""
-    import fcntl
+def label_job(labeler_cfg: LabelerConfig, run: LabelRunConfig, window: int, source: ImageSource, decoder: str,
+              on_image=None) -> Job:
+    """The `wsclip.jobs.Job` of a label run (local or Ray): lock, settings check, manifest of `run.out`."""
+    return Job("label", run.out, _settings(labeler_cfg, run, window, source, decoder), restart=run.restart,
+               on_error=run.on_error, config_file=CONFIG_FILE, desc="label", on_item=on_image)
 
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / LOCK_FILE, "w")
-    try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # POSIX lock: not inherited by worker processes
-    except OSError:
-        lock.close()
-        raise WsclipError(f"another `wsclip label` is writing to {out}; wait for it or pick another --out") from None
-    for tmp in out.rglob(".*.tmp*"):
-        if tmp.is_file():
-            tmp.unlink()
-    cfg_path = out / CONFIG_FILE
-    if restart:
-        (out / MANIFEST).unlink(missing_ok=True)
-    elif cfg_path.is_file() and (out / MANIFEST).is_file():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError:
-            old = None
-        if old != settings:
-            diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
-            raise WsclipError(f"{out} holds outputs made with other settings ({', '.join(diff)}): pick another --out, "
-                              "or pass --restart to relabel everything there")
-    from wsclip.io import atomic_write_json
 
-    atomic_write_json(cfg_path, settings)
-    return lock
+def plan_windows(source: ImageSource, window: int, done: set[str]) -> list[range]:
+    """The windows of the input order that hold an image not finished yet."""
+    return [w for w in windows(len(source), window) if any(source.ids[i] not in done for i in w)]
 
 
 def _make_pool(n: int, crf: bool) -> Executor | None:
@@ -510,17 +441,17 @@ def _make_pool(n: int, crf: bool) -> Executor | None:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="wsclip-post")
 
 
-def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: dict, rle: bool,
-                   classes: Sequence[str]) -> None:
+def write_reports(job: Job, source: ImageSource, rle: bool, classes: Sequence[str], **summary) -> dict:
+    """errors.json, summary.json and (with --rle) annotations.json of a label run; returns the summary."""
     from wsclip.io import atomic_write_json
 
-    errors = [{"id": i, "error": r.get("error", "")} for i, r in manifest.records.items() if r.get("status") == "error"]
-    atomic_write_json(out / "errors.json", errors)
-    atomic_write_json(out / "summary.json", summary)
+    seconds = job.seconds
+    summary = job.finish(labelled=job.counts["done"], **summary,
+                         images_per_s=round(job.counts["done"] / seconds, 3) if seconds > 0 else None)
     if rle:
         images, anns = [], []
         for n, image_id in enumerate(source.ids):
-            rec = manifest.records.get(image_id)
+            rec = job.manifest.records.get(image_id)
             if not rec or rec.get("status") != "ok":
                 continue
             images.append({"id": n + 1, "file_name": image_id, "height": rec["size"][0], "width": rec["size"][1]})
@@ -528,7 +459,8 @@ def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: 
                 anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": a["category_id"],
                              "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"], "iscrowd": 0})
         cats = [{"id": k + 1, "name": c} for k, c in enumerate(classes)]
-        atomic_write_json(out / "annotations.json", {"images": images, "annotations": anns, "categories": cats})
+        atomic_write_json(job.out / "annotations.json", {"images": images, "annotations": anns, "categories": cats})
+    return summary
 
 
 def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split: str | None = None,
@@ -538,7 +470,6 @@ def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split:
     `inputs`: anything `open_source` takes, or an ImageSource. `labeler`: an already loaded
     labeler for `labeler_cfg` (else it is loaded here).
     """
-    from wsclip.progress import progress
     from wsclip.serve.labelers import load_labeler
 
     if run.on_error not in ON_ERROR:
@@ -552,15 +483,10 @@ def label_images(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split:
         raise WsclipError(f"the {labeler.method} method needs image-level labels and {inputs} has none: pass "
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
     window = int(run.window or 4 * labeler.batch_size)
-    out = Path(run.out)
     if run.decode == "gpu" and labeler.device.type != "cuda":
         raise WsclipError("--decode gpu needs a CUDA device (--device cuda)")
-    settings = _settings(labeler_cfg, run, window, source, _decoder(labeler, run))
-    lock = _prepare_out(out, settings, run.restart)
-    try:
-        return _run(labeler, source, run, out, window, progress, on_image)
-    finally:
-        lock.close()
+    with label_job(labeler_cfg, run, window, source, _decoder(labeler, run), on_image) as job:
+        return _run(labeler, source, run, job, window)
 
 
 def _decoder(labeler, run: LabelRunConfig) -> str:
@@ -568,12 +494,12 @@ def _decoder(labeler, run: LabelRunConfig) -> str:
     return "nvjpeg" if labeler.device.type == "cuda" and run.decode in ("auto", "gpu") else "pil"
 
 
-def _run(labeler, source, run, out, window, progress, on_image) -> dict:
-    manifest = Manifest(out / MANIFEST)
-    done = manifest.finished(out)
-    wins = [w for w in windows(len(source), window) if any(source.ids[i] not in done for i in w)]
-    todo = sum(1 for w in wins for i in w if source.ids[i] not in done)
-    opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
+def _run(labeler, source: ImageSource, run: LabelRunConfig, job: Job, window: int) -> dict:
+    """Label the unfinished windows; every image's record reaches the manifest as soon as its files are written."""
+    done = job.finished()
+    wins = plan_windows(source, window, done)
+    job.start(source.ids)
+    opts = OutputOptions(out=job.out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
                          crf=labeler.refine == "crf")
     gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
@@ -582,34 +508,6 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
         collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
         prefetch_factor=(2 * window // max(1, run.workers) + 1) if run.workers > 0 else None)
     pool = _make_pool(run.post_workers, opts.crf)
-    pending: deque[tuple[str, Future | dict]] = deque()
-    counts = {"labelled": 0, "errors": 0}
-    failure: list[str] = []
-    bar = progress(total=todo, desc="label", unit="img")
-    t0 = time.perf_counter()
-
-    def settle(keep: int) -> None:
-        """Record finished images: every completed one at the head, and wait until at most `keep` are pending."""
-        recs = []
-        while pending and (len(pending) > keep or not isinstance(pending[0][1], Future) or pending[0][1].done()):
-            image_id, fut = pending.popleft()
-            try:
-                rec = fut.result() if isinstance(fut, Future) else fut
-            except Exception as exc:  # noqa: BLE001 - a failed refinement/encoding fails this image only
-                rec = error_record(image_id, f"{type(exc).__name__}: {exc}")
-            recs.append(rec)
-        manifest.append(recs)
-        for rec in recs:
-            counts["labelled" if rec["status"] == "ok" else "errors"] += 1
-            if rec["status"] == "error":
-                failure.append(f"{rec['id']}: {rec['error']}")
-            elif on_image is not None:
-                on_image(rec["id"])
-        if recs:
-            bar.update(len(recs))
-            if counts["errors"]:
-                bar.set_postfix(errors=counts["errors"])
-
     limit = max(2 * window, 4 * max(1, run.post_workers))
     try:
         it = iter(loader)
@@ -620,36 +518,28 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
             labelled, errs = label_window(labeler, items, run.cams)
             for rec in errs:
                 if rec["id"] not in done:
-                    pending.append((rec["id"], rec))
+                    job.record(rec)
             for image_id, image, result in labelled:
                 if image_id in done:
                     continue
                 image = host_image(image) if opts.crf or opts.overlays else None  # only these need the pixels
                 if pool is None:
                     try:
-                        pending.append((image_id, finish_image(image_id, image, result, opts)))
+                        rec = finish_image(image_id, image, result, opts)
                     except (WsclipError, OSError) as exc:
-                        pending.append((image_id, error_record(image_id, str(exc))))
+                        rec = error_record(image_id, str(exc))
+                    job.record(rec)
                 else:
-                    pending.append((image_id, pool.submit(finish_image, image_id, image, result, opts)))
-            settle(keep=limit)
-            if failure and run.on_error == "fail":
+                    job.submit(pool, image_id, finish_image, image_id, image, result, opts)
+            job.drain(keep=limit)
+            if job.first_failure and run.on_error == "fail":
                 break
-        settle(keep=0)
+        job.drain(keep=0)
     finally:
-        bar.close()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    if failure and run.on_error == "fail":
-        raise WsclipError(f"image {failure[0]} (--on-error fail; finished outputs are kept, a re-run resumes)")
-    seconds = time.perf_counter() - t0
-    errors = sorted(i for i, r in manifest.records.items() if r.get("status") == "error")
-    summary = {"total": len(source), "labelled": counts["labelled"], "skipped_done": len(source) - todo,
-               "errors": len(errors), "seconds": round(seconds, 3),
-               "images_per_s": round(counts["labelled"] / seconds, 3) if seconds > 0 else None,
-               "labeler": labeler.describe(), "error_ids": errors[:100]}
-    _write_reports(out, source, manifest, summary, run.rle, labeler.classes)
-    return summary
+            pool.shutdown(wait=True, cancel_futures=True)  # running items finish and write their records
+    job.raise_failure()
+    return write_reports(job, source, run.rle, labeler.classes, labeler=labeler.describe())
 
 
 def format_summary(summary: dict) -> str:

@@ -24,7 +24,7 @@ class at or above a threshold, at least the top one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from wsclip.registry import ENGINE_SUFFIXES
+from wsclip.registry import ENGINE_SUFFIXES, is_export
 from wsclip.runtime import resolve_device
-from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
+from wsclip.config import opt, parse_numbers
+from wsclip.errors import CheckpointError, ShapeError, WsclipError
 from wsclip.formats import mask_annotations, rle_decode, rle_encode  # noqa: F401 - re-exported
 from wsclip.label.masks import background_argmax
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
@@ -51,22 +52,29 @@ _READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmo
 class LabelerConfig:
     """Everything needed to build a labeler (picklable: Ray actors and server workers rebuild from it)."""
 
-    model: str | None = None          # checkpoint (.safetensors), .onnx or TensorRT engine; None for clip-es
-    method: str = "auto"              # auto: from the model file
-    device: str = "auto"
-    batch_size: int = 8               # largest batch the network runs
-    refine: str = "none"
-    irn: str | None = None            # IRN boundary checkpoint for refine="irn"
-    predict: str = "auto"             # how missing labels are predicted: auto, cam, clip, none
-    clip: str | None = None           # CLIP file for predict="clip" and clip-es
-    label_threshold: float | None = None  # default 0.5 (cam scores) / 0.25 (clip zero-shot)
-    bg_threshold: float | None = None     # CAM background threshold (default: the model's, 0.15)
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    amp: bool = False
-    threads: int | None = None        # ONNX Runtime intra-op threads
-    classes: str | None = None        # clip-es: voc, coco or a class-list file (networks carry their own)
-    options: dict = field(default_factory=dict)  # clip-es: ClipEsConfig fields, and alpha
+    model: str | None = opt(None, "CAM or segmentation network: checkpoint (.safetensors), .onnx or TensorRT engine")
+    method: str = opt("auto", "auto: from the model file; clip-es needs --clip", choices=METHODS)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    batch_size: int = opt(8, "largest batch the network runs")
+    refine: str = opt("none", "crf: dense CRF (extra [crf]); irn: random walk on an IRN boundary map (--irn)",
+                      choices=REFINEMENTS)
+    irn: str | None = opt(None, "IRN boundary checkpoint for --refine irn")
+    predict: str = opt("auto", "how missing image-level labels are predicted: the CAM network's class scores or "
+                       "CLIP zero-shot", choices=PREDICTORS)
+    clip: str | None = opt(None, "CLIP file for --predict clip and --method clip-es")
+    label_threshold: float | None = opt(None, "score threshold of predicted labels (0.5 cam, 0.25 clip)")
+    bg_threshold: float | None = opt(None, "CAM background threshold (default the model's, 0.15)")
+    scales: tuple[float, ...] = opt((1.0,), "comma-separated test scales (CAM/seg PyTorch backend)", parse=parse_numbers)
+    flip: bool = opt(False, "add horizontal-flip views")
+    amp: bool = opt(False, "bf16 autocast on CUDA (PyTorch backend)")
+    threads: int | None = opt(None, "CPU threads for PyTorch / ONNX Runtime")
+    classes: str | None = opt(None, "[clip-es] class list: voc, coco or a file with one name per line (default voc)")
+    options: dict = opt({}, "clip-es: ClipEsConfig fields, alpha and precision (CLIP weights)", cli=False)
+
+    def validate(self) -> "LabelerConfig":
+        if self.batch_size < 1:
+            raise WsclipError(f"batch size must be at least 1, got {self.batch_size}")
+        return self
 
     def replace(self, **kw) -> "LabelerConfig":
         return replace(self, **kw)
@@ -89,6 +97,7 @@ class LabelResult:
     crf_values: np.ndarray | None = None
     scores: np.ndarray | None = None
     predicted: bool = False
+    low: np.ndarray | None = None     # stride-4 CAMs (len(keys), ceil(H/4), ceil(W/4)) when asked (PyTorch CAM net)
 
 
 def plan_batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
@@ -264,7 +273,7 @@ class _OwnScores:
 
 
 def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool, want_crf: bool,
-                 scores, mask: torch.Tensor | None = None) -> list[LabelResult]:
+                 scores, mask: torch.Tensor | None = None, low: torch.Tensor | None = None) -> list[LabelResult]:
     """Per-image results from max-normalised CAMs (B, K, H, W) of all classes and labels y (B, K).
 
     The mask is argmax over [bg, CAMs of the labelled classes] (ties to the earlier channel, so to
@@ -281,11 +290,23 @@ def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool
             sel_np = sel.float().cpu().numpy()
             if want_cams:
                 r.cams = sel_np
+                r.low = low[i, keys].float().cpu().numpy() if low is not None else None
             if want_crf:
                 r.crf_scores = np.concatenate([np.full((1, *sel_np.shape[1:]), bg, np.float32), sel_np])
                 r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
         out.append(r)
     return out
+
+
+def _open_export(cfg: LabelerConfig, path: Path, device: torch.device, model: str, what: str):
+    """(runner, backend name) of an exported `model` (.onnx: ONNX Runtime; engine: TensorRT)."""
+    from wsclip.export.parity import open_artefact
+
+    kw = {"threads": cfg.threads} if path.suffix == ".onnx" and cfg.threads else {}
+    runner = open_artefact(path, device=str(device), **kw)
+    if runner.model != model:
+        raise CheckpointError(f"{path} is an exported '{runner.model}' model, not {what}")
+    return runner, ("tensorrt" if path.suffix in ENGINE_SUFFIXES else "onnxruntime")
 
 
 # ============================================================================ CAM network
@@ -299,17 +320,11 @@ class CamNetLabeler(Labeler):
 
         path = Path(cfg.model)
         device = resolve_device(cfg.device)
-        if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
-            from wsclip.export.parity import open_artefact
-
-            kw = {"threads": cfg.threads} if path.suffix == ".onnx" and cfg.threads else {}
-            self.runner = open_artefact(path, device=str(device), **kw)
-            if self.runner.model != "camnet":
-                raise CheckpointError(f"{path} is an exported '{self.runner.model}' model, not a CAM network")
+        if is_export(path):
+            self.runner, backend = _open_export(cfg, path, device, "camnet", "a CAM network")
             conf = self.runner.meta.get("config") or {}
             self.bg = float(cfg.bg_threshold if cfg.bg_threshold is not None else conf.get("bg_threshold", CAM_BG_THRESHOLD))
             self.module = None
-            backend = "tensorrt" if path.suffix in ENGINE_SUFFIXES else "onnxruntime"
             classes = self.runner.classes
         else:
             from wsclip.label.cam_labeler import load_cam_labeler
@@ -334,32 +349,33 @@ class CamNetLabeler(Labeler):
             self.irn, _ = load_irn(cfg.irn, device=device)
         self.predictor = _make_predictor(cfg, self, own_scores=self.module is not None)
 
-    def _cams(self, x: torch.Tensor, want_scores: bool):
-        """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None)."""
+    def _cams(self, x: torch.Tensor, want_scores: bool, want_low: bool = False):
+        """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None, stride-4 CAMs or None)."""
         if self.module is None:
             out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
-            return torch.from_numpy(out["cams"]).to(self.device), None
+            return torch.from_numpy(out["cams"]).to(self.device), None, None
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
             ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
                    else torch.autocast(self.device.type, enabled=False))
             with torch.inference_mode(), ctx:
-                cams, _ = self.module(x, None)
+                maps = self.module.cams(x, None, low=want_low)
         finally:
             if hook is not None:
                 hook.remove()
         scores = torch.sigmoid(raw[0].float().mean(dim=(2, 3))).cpu().numpy() if raw else None
-        return cams.float(), scores
+        return maps[0].float(), scores, maps[1].float() if want_low else None
 
     def _run_group(self, images, labels, want_cams):
         x = _stack(images, self.device)
         need_pred = self.needs_labels and any(lab is None for lab in labels)
-        cams, own = self._cams(x, want_scores=need_pred and isinstance(self.predictor, _OwnScores))
+        cams, own, low = self._cams(x, want_scores=need_pred and isinstance(self.predictor, _OwnScores),
+                                    want_low=want_cams)
         y_np, scores = self._fill_labels(images, labels, own)
         y = torch.from_numpy(y_np).to(cams.device)
         mask = self._irn_mask(x, cams, y) if self.irn is not None else None
-        return _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask)
+        return _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask, low)
 
     def _irn_mask(self, x: torch.Tensor, cams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """IRN random walk (radius 5, beta 10, 2^8 steps) of the stride-4 CAMs on the boundary map; (B, H, W)."""
@@ -393,14 +409,9 @@ class SegNetLabeler(Labeler):
     def __init__(self, cfg: LabelerConfig):
         path = Path(cfg.model)
         device = resolve_device(cfg.device)
-        if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES:
-            from wsclip.export.parity import open_artefact
-
-            kw = {"threads": cfg.threads} if path.suffix == ".onnx" and cfg.threads else {}
-            self.runner = open_artefact(path, device=str(device), **kw)
-            if self.runner.model != "seg":
-                raise CheckpointError(f"{path} is an exported '{self.runner.model}' model, not a segmentation network")
-            self.module, backend, classes = None, ("tensorrt" if path.suffix in ENGINE_SUFFIXES else "onnxruntime"), self.runner.classes
+        if is_export(path):
+            self.runner, backend = _open_export(cfg, path, device, "seg", "a segmentation network")
+            self.module, classes = None, self.runner.classes
         else:
             from wsclip.label.seg_labeler import load_seg_labeler
 
@@ -461,7 +472,7 @@ class ClipEsLabeler(Labeler):
         opts = dict(cfg.options)
         self.pseudo = PseudoConfig(alpha=float(opts.pop("alpha", 1.0)))
         classes = resolve_classes(cfg.classes or "voc")
-        clip = load_clip(cfg.clip, device=device)
+        clip = load_clip(cfg.clip, device=device, precision=opts.pop("precision", "fp32"))
         try:
             self.impl = ClipEs(clip, classes, ClipEsConfig(**opts))
         except TypeError as exc:

@@ -12,17 +12,15 @@ returns one manifest record per image. Only the driver appends to the manifest. 
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from wsclip.errors import WsclipError, require
-from wsclip.serve.batch import (MANIFEST, LabelRunConfig, Manifest, OutputOptions, _prepare_out, _settings,
-                                _write_reports, attach_labels, error_record, finish_image, label_window, load_item,
-                                open_source, windows)
+from wsclip.jobs import Job, error_record
+from wsclip.serve.batch import (LabelRunConfig, OutputOptions, attach_labels, finish_image, label_job, label_window,
+                                load_item, open_source, plan_windows, write_reports)
 from wsclip.serve.labelers import LabelerConfig
 
 
@@ -53,27 +51,20 @@ class WindowLabeler:
         return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
-def _drive(ray, rows, cfg, source, opts, concurrency, gpus_per_actor, cpus_per_actor, actor_threads, manifest,
-           counts, bar, on_error) -> str | None:
-    """Run the windows through the actor pool; append records as they come; returns the first error."""
-    first_error = None
+def _drive(ray, rows, cfg, source, opts, concurrency, gpus_per_actor, cpus_per_actor, actor_threads,
+           job: Job) -> None:
+    """Run the windows through the actor pool; record each image as its window comes back."""
     if not rows:
-        return None
+        return
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
     ds = ds.map_batches(WindowLabeler, batch_size=1, batch_format="numpy", concurrency=concurrency,
                         num_gpus=gpus_per_actor or None, num_cpus=cpus_per_actor,
                         fn_constructor_kwargs={"cfg": cfg, "source": source, "opts": opts, "threads": actor_threads})
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        recs = [json.loads(r) for r in batch["record"]]
-        manifest.append(recs)
-        for r in recs:
-            counts["labelled" if r["status"] == "ok" else "errors"] += 1
-            if r["status"] == "error" and first_error is None:
-                first_error = f"{r['id']}: {r['error']}"
-        bar.update(len(recs))
-        if first_error and on_error == "fail":
+        for r in batch["record"]:
+            job.record(json.loads(r))
+        if job.first_failure and job.on_error == "fail":
             break
-    return first_error
 
 
 def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, split: str | None = None,
@@ -83,7 +74,7 @@ def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, sp
     """Label like `wsclip.serve.batch.label_images`, on a Ray cluster (or a local Ray started here)."""
     ray = require("ray", "ray", "wsclip label --ray")
     require("ray.data", "ray", "wsclip label --ray")
-    from wsclip.progress import enabled, progress
+    from wsclip.progress import enabled
     from wsclip.serve.labelers import load_labeler
 
     if run.on_error not in ("skip", "fail"):
@@ -100,50 +91,28 @@ def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, sp
         raise WsclipError(f"the {probe.method} method needs image-level labels and {inputs} has none: pass "
                           "--labels FILE, or --predict cam / --predict clip --clip FILE")
     window = int(run.window or 4 * probe.batch_size)
-    out = Path(run.out)
-    lock = _prepare_out(out, _settings(labeler_cfg, run, window, source, "pil"), run.restart)  # actors decode with PIL
     started = False
-    try:
-        manifest = Manifest(out / MANIFEST)
-        done = manifest.finished(out)
-        rows = []
-        for w in windows(len(source), window):
-            ids = [source.ids[i] for i in w]
-            if any(i not in done for i in ids):
-                rows.append({"start": w.start, "stop": w.stop, "skip": json.dumps([i for i in ids if i in done])})
-        todo = sum(len(range(r["start"], r["stop"])) - len(json.loads(r["skip"])) for r in rows)
-        opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=probe.classes,
+    with label_job(labeler_cfg, run, window, source, "pil") as job:  # actors decode with PIL
+        done = job.finished()
+        rows = [{"start": w.start, "stop": w.stop, "skip": json.dumps([source.ids[i] for i in w if source.ids[i] in done])}
+                for w in plan_windows(source, window, done)]
+        job.start(source.ids)
+        opts = OutputOptions(out=job.out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=probe.classes,
                              crf=probe.refine == "crf")
-        if rows and not ray.is_initialized():
-            ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
-            started = True
-        if rows:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                ray.data.DataContext.get_current().enable_progress_bars = enabled()
-        counts = {"labelled": 0, "errors": 0}
-        t0 = time.perf_counter()
-        bar = progress(total=todo, desc="label (ray)", unit="img")
         try:
+            if rows and not ray.is_initialized():
+                ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+                started = True
             with warnings.catch_warnings():  # Ray Data's own deprecation notices are nothing a user can act on
                 warnings.simplefilter("ignore", DeprecationWarning)
-                first_error = _drive(ray, rows, labeler_cfg, source, opts, concurrency, gpus_per_actor,
-                                     cpus_per_actor, actor_threads, manifest, counts, bar, run.on_error)
+                if rows:
+                    ray.data.DataContext.get_current().enable_progress_bars = enabled()
+                _drive(ray, rows, labeler_cfg, source, opts, concurrency, gpus_per_actor, cpus_per_actor,
+                       actor_threads, job)
         finally:
-            bar.close()
-        if first_error and run.on_error == "fail":
-            raise WsclipError(f"image {first_error} (--on-error fail; finished outputs are kept, a re-run resumes)")
-        seconds = time.perf_counter() - t0
-        errors = sorted(i for i, r in manifest.records.items() if r.get("status") == "error")
-        summary = {"total": len(source), "labelled": counts["labelled"], "skipped_done": len(source) - todo,
-                   "errors": len(errors), "seconds": round(seconds, 3),
-                   "images_per_s": round(counts["labelled"] / seconds, 3) if seconds > 0 else None,
-                   "labeler": {**probe.describe(), "device": labeler_cfg.device, "ray_actors": concurrency},
-                   "error_ids": errors[:100]}
-        _write_reports(out, source, manifest, summary, run.rle, probe.classes)
-        return summary
-    finally:
-        if started:
-            ray.shutdown()
-        lock.close()
+            if started:
+                ray.shutdown()
+        job.raise_failure()
+        return write_reports(job, source, run.rle, probe.classes,
+                             labeler={**probe.describe(), "device": labeler_cfg.device, "ray_actors": concurrency})

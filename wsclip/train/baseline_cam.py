@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch.nn.functional as F
 
-from wsclip.config import CamConfig, TrainConfig, save_yaml
+from wsclip.config import CamConfig, TrainConfig
 from wsclip.errors import DatasetLayoutError
 
 FINAL_NAME = "camnet.safetensors"
@@ -58,10 +58,34 @@ def trainer_kwargs(cfg: TrainConfig) -> dict:
     )
 
 
+def fit_cam_network(net, step, ds, classes, cfg: TrainConfig, desc: str, resume: bool, callbacks: Iterable,
+                    extra: dict) -> Path:
+    """The training run every CAM-network trainer shares (baseline, CLIMS, QA-CLIMS): backbone and head
+    param groups, the Trainer, config.yaml, and the final `camnet.safetensors` with `extra` in its sidecar."""
+    from wsclip.config import save_yaml
+    from wsclip.models.camnet import save_camnet
+    from wsclip.train.loop import Trainer
+
+    back, head = net.param_groups()
+    trainer = Trainer(
+        net, step, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
+        model_meta=camnet_meta(net, classes, cfg.preset), desc=desc, callbacks=callbacks,
+        **trainer_kwargs(cfg),
+    )
+    out = Path(cfg.out)
+    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
+        save_yaml(cfg, out / "config.yaml")
+    model = trainer.fit(resume=resume)
+    final = out / FINAL_NAME
+    if trainer.is_main:
+        save_camnet(final, model, classes, preset=cfg.preset, extra={**extra, "steps": trainer.max_steps})
+    return final
+
+
 def train_cam(cfg: CamConfig, resume: bool = False, dataset=None, callbacks: Iterable = ()) -> Path:
     """Train the baseline CAM network; returns the path of the final checkpoint."""
-    from wsclip.models.camnet import build_camnet, save_camnet
-    from wsclip.train.loop import Trainer, rank, seed_everything
+    from wsclip.models.camnet import build_camnet
+    from wsclip.train.loop import rank, seed_everything
 
     cfg.validate()
     ds = dataset if dataset is not None else open_train_dataset(cfg)
@@ -72,18 +96,5 @@ def train_cam(cfg: CamConfig, resume: bool = False, dataset=None, callbacks: Ite
               "pass --pretrained FILE (a torchvision state dict)", file=sys.stderr)
     if cfg.freeze_bn:
         net.freeze_bn()
-    back, head = net.param_groups()
-    trainer = Trainer(
-        net, cam_step, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
-        model_meta=camnet_meta(net, ds.classes, cfg.preset), desc="train cam", callbacks=callbacks,
-        **trainer_kwargs(cfg),
-    )
-    out = Path(cfg.out)
-    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
-        save_yaml(cfg, out / "config.yaml")
-    model = trainer.fit(resume=resume)
-    final = out / FINAL_NAME
-    if trainer.is_main:
-        save_camnet(final, model, ds.classes, preset=cfg.preset,
-                    extra={"trained": "cam", "steps": trainer.max_steps, "data": str(cfg.data)})
-    return final
+    return fit_cam_network(net, cam_step, ds, ds.classes, cfg, "train cam", resume, callbacks,
+                           {"trained": "cam", "data": str(cfg.data)})

@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from wsclip.config import ClimsConfig, save_yaml
+from wsclip.config import ClimsConfig
 from wsclip.errors import WsclipError
 from wsclip.train import losses
 from wsclip.constants import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - re-exported
@@ -161,9 +161,9 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     `dataset` / `clip` may be given pre-built (tests, notebooks); otherwise they come from
     cfg.data and cfg.clip.
     """
-    from wsclip.models.camnet import build_camnet, load_camnet, save_camnet
-    from wsclip.train.baseline_cam import FINAL_NAME, camnet_meta, open_train_dataset, trainer_kwargs
-    from wsclip.train.loop import Trainer, init_distributed, rank, resolve_device, seed_everything
+    from wsclip.models.camnet import build_camnet, load_camnet
+    from wsclip.train.baseline_cam import fit_cam_network, open_train_dataset
+    from wsclip.train.loop import init_distributed, rank, resolve_device, seed_everything
 
     cfg.validate()
     init_distributed()
@@ -194,19 +194,5 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     bg_text = clip.encode_text([cfg.template.format(w) for w in background]).to(device)
     objective = ClimsObjective(clip, fg_text, bg_text, cfg, word_mask)
 
-    back, head = net.param_groups()
-    trainer = Trainer(
-        net, objective, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
-        model_meta=camnet_meta(net, classes, cfg.preset), desc="train clims", callbacks=callbacks,
-        **trainer_kwargs(cfg),
-    )
-    out = Path(cfg.out)
-    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
-        save_yaml(cfg, out / "config.yaml")
-    model = trainer.fit(resume=resume)
-    final = out / FINAL_NAME
-    if trainer.is_main:
-        save_camnet(final, model, classes, preset=cfg.preset,
-                    extra={"trained": "clims", "steps": trainer.max_steps, "clip": str(cfg.clip),
-                           "prompts": names, "background": background})
-    return final
+    return fit_cam_network(net, objective, ds, classes, cfg, "train clims", resume, callbacks,
+                           {"trained": "clims", "clip": str(cfg.clip), "prompts": names, "background": background})

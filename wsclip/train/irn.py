@@ -260,13 +260,13 @@ def resolve_crf(crf: str | bool) -> bool:
 
 
 def make_seeds(dataset, cam_dir, out_dir, fg_threshold: float = 0.30, bg_threshold: float = 0.10,
-               crf: str | bool = "auto", workers: int = 1) -> Path:
-    """Write one seed PNG per dataset image into `out_dir` (skipping finished ones); returns out_dir.
+               crf: str | bool = "auto", workers: int = 1, restart: bool = False, on_error: str = "fail") -> Path:
+    """Write one seed PNG per dataset image into `out_dir` (a resumable `wsclip.jobs.Job`); returns out_dir.
 
     `workers` > 1 computes them in that many processes (0: one per CPU core).
     The log says whether the seeds are CRF-refined or come from the thresholds alone.
     """
-    from wsclip.progress import progress
+    from wsclip.jobs import Job
 
     use_crf = resolve_crf(crf)
     log.info("IRN seeds: fg %.2f / bg %.2f, %s", fg_threshold, bg_threshold,
@@ -274,50 +274,44 @@ def make_seeds(dataset, cam_dir, out_dir, fg_threshold: float = 0.30, bg_thresho
     cam_dir, out_dir = Path(cam_dir), Path(out_dir)
     if not cam_dir.is_dir():
         raise MissingFileError(f"CAM folder not found: {cam_dir}; run `wsclip cam` first")
-    out_dir.mkdir(parents=True, exist_ok=True)
     info = {"fg_threshold": float(fg_threshold), "bg_threshold": float(bg_threshold), "crf": use_crf,
             "cams": str(cam_dir)}
-    info_path = out_dir / SEED_INFO
-    if info_path.is_file():
-        old = json.loads(info_path.read_text())
-        if {k: old.get(k) for k in ("fg_threshold", "bg_threshold", "crf")} != {k: info[k] for k in ("fg_threshold", "bg_threshold", "crf")}:
-            raise WsclipError(
-                f"{out_dir} holds seeds made with {old}, this run asks for {info}: delete the folder or pass "
-                "another --seeds folder"
-            )
-    else:
-        from wsclip.io import atomic_write_json
-
-        atomic_write_json(info_path, info)
-    todo = [i for i, image_id in enumerate(dataset.ids) if not (out_dir / f"{image_id}.png").is_file()]
-    missing = [dataset.ids[i] for i in todo if not (cam_dir / f"{dataset.ids[i]}.npz").is_file()]
+    missing = [i for i in dataset.ids if not (cam_dir / f"{i}.npz").is_file()]
     if missing:
         raise MissingFileError(
             f"{len(missing)} images have no CAM file in {cam_dir}, e.g. {missing[0]}.npz: run `wsclip cam` on the same split"
         )
-
-    def jobs():
-        for i in todo:
-            image_id = dataset.ids[i]
-            yield (dataset.load_image(i), cam_dir / f"{image_id}.npz", out_dir / f"{image_id}.png",
-                   fg_threshold, bg_threshold, use_crf)
-
     if workers <= 0:
         from wsclip.refine.crf import default_workers
 
         workers = default_workers()
-    bar = progress(total=len(todo), desc="irn seeds", unit="img")
-    if workers > 1 and len(todo) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+    with Job("seeds", out_dir, info, config_file=SEED_INFO, restart=restart, on_error=on_error, desc="irn seeds",
+             what="seeds") as job:
+        todo = set(job.start(list(dataset.ids)))
 
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(_seed_job, jobs(), chunksize=4):
-                bar.update(1)
-    else:
-        for job in jobs():
-            _seed_job(job)
-            bar.update(1)
-    bar.close()
+        def work(i: int) -> tuple:
+            image_id = dataset.ids[i]
+            return (dataset.load_image(i), cam_dir / f"{image_id}.npz", out_dir / f"{image_id}.png",
+                    fg_threshold, bg_threshold, use_crf)
+
+        order = [i for i, image_id in enumerate(dataset.ids) if image_id in todo]
+        if workers > 1 and len(order) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            from wsclip.workers import die_with_parent
+
+            with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent) as pool:
+                for i in order:
+                    job.submit(pool, dataset.ids[i], _seed_job, work(i))
+                    job.drain(keep=2 * workers)
+                    job.raise_failure()
+                job.drain(keep=0)
+        else:
+            for i in order:
+                with job.item(dataset.ids[i]):
+                    _seed_job(work(i))
+        job.raise_failure()
+        job.finish()
     return out_dir
 
 

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from wsclip.config import QaClimsConfig, save_yaml
+from wsclip.config import QaClimsConfig
 from wsclip.errors import WsclipError
 from wsclip.train import losses
 from wsclip.train.clims import encode_masked_pairs, load_frozen_clip, mask_normalisation
@@ -205,9 +205,9 @@ def train_qa_clims(cfg: QaClimsConfig, resume: bool = False, dataset=None, clip=
     `dataset`, `clip` and `corpus` may be given pre-built; otherwise they come from
     cfg.data, cfg.clip and cfg.corpus.
     """
-    from wsclip.models.camnet import build_camnet, load_camnet, save_camnet
-    from wsclip.train.baseline_cam import FINAL_NAME, camnet_meta, open_train_dataset, trainer_kwargs
-    from wsclip.train.loop import Trainer, init_distributed, resolve_device, seed_everything
+    from wsclip.models.camnet import build_camnet, load_camnet
+    from wsclip.train.baseline_cam import fit_cam_network, open_train_dataset
+    from wsclip.train.loop import init_distributed, resolve_device, seed_everything
 
     cfg.validate()
     if cfg.missing not in ("error", "skip"):
@@ -242,19 +242,6 @@ def train_qa_clims(cfg: QaClimsConfig, resume: bool = False, dataset=None, clip=
                              cfg.missing).to(device)
     objective = QaClimsObjective(clip, table, cfg, classes)
 
-    back, head = net.param_groups()
-    trainer = Trainer(
-        net, objective, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
-        model_meta=camnet_meta(net, classes, cfg.preset), desc="train qa-clims", callbacks=callbacks,
-        **trainer_kwargs(cfg),
-    )
-    out = Path(cfg.out)
-    if trainer.is_main and (resume or trainer.latest_checkpoint() is None):
-        save_yaml(cfg, out / "config.yaml")
-    model = trainer.fit(resume=resume)
-    final = out / FINAL_NAME
-    if trainer.is_main:
-        save_camnet(final, model, classes, preset=cfg.preset,
-                    extra={"trained": "qa-clims", "steps": trainer.max_steps, "clip": str(cfg.clip),
-                           "prompts": names, "corpus": [str(c) for c in cfg.corpus]})
-    return final
+    return fit_cam_network(net, objective, ds, classes, cfg, "train qa-clims", resume, callbacks,
+                           {"trained": "qa-clims", "clip": str(cfg.clip), "prompts": names,
+                            "corpus": [str(c) for c in cfg.corpus]})

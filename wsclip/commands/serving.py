@@ -1,0 +1,121 @@
+"""`wsclip label` and `wsclip serve`: the labeler flags (LabelerConfig, CLIP-ES options) and the two jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from wsclip.errors import WsclipError
+from wsclip.commands.maps import _clip_es_args, _clip_es_options
+
+
+# ============================================================================ label / serve
+def _labeler_args(p):
+    """The labeler flags of `label` and `serve`: generated from LabelerConfig's fields (one edit adds an
+    option to both), plus --config (a YAML LabelerConfig) and the CLIP-ES options of `wsclip cam`."""
+    from wsclip.config import add_config_args
+    from wsclip.serve.labelers import LabelerConfig
+
+    add_config_args(p, LabelerConfig)
+    _clip_es_args(p)
+
+
+def _labeler_config(args):
+    """LabelerConfig from the flags (defaults < --config YAML < flags); CLIP-ES options when CLIP-ES runs."""
+    import dataclasses
+
+    from wsclip.config import config_from_args
+    from wsclip.serve.labelers import LabelerConfig
+
+    cfg = config_from_args(LabelerConfig, args)
+    if cfg.method == "clip-es" or (cfg.model is None and cfg.clip):
+        cfg = dataclasses.replace(cfg, options={**cfg.options, **_clip_es_options(args), "precision": args.precision})
+    return cfg
+
+
+def _add_label(sub):
+    p = sub.add_parser("label", help="label many images (folder, glob, list file, VOC/COCO split) into palette PNG "
+                                     "masks; pipelined, resumable; --ray scales out")
+    p.add_argument("--images", required=True, help="a folder, a glob ('photos/**/*.jpg'), a list file of paths, "
+                                                   "or a dataset (voc:DIR, coco:DIR, folder:DIR, synth:)")
+    p.add_argument("--split", help="dataset split (voc/coco), or a list file of ids for a folder dataset")
+    p.add_argument("--labels", help="image-level labels file (JSON or CSV); else the dataset's, else predicted")
+    p.add_argument("--out", required=True, type=Path, help="output folder (<id>.png, manifest.jsonl; re-running resumes)")
+    _labeler_args(p)
+    p.add_argument("--cams", action="store_true", help="also write cams/<id>.npz (the `wsclip cam` format)")
+    p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
+    p.add_argument("--rle", action="store_true", help="also write annotations.json (COCO-style RLE)")
+    p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
+    p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
+    p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: nvJPEG on CUDA, else PIL")
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="a bad image: skip it (errors.json) or stop")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--restart", action="store_true", help="relabel everything, ignoring earlier outputs in --out")
+    p.add_argument("--ray", action="store_true", help="run on Ray Data (extra [ray]): one labeler per actor")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--concurrency", type=int, default=1, help="[ray] labeler actors")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="[ray] GPUs per actor (1 on GPU nodes)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="[ray] CPUs per actor")
+    p.add_argument("--ray-cpus", type=int, help="[ray] CPUs of the local Ray (default: all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_run_label)
+
+
+def _run_label(args):
+    from wsclip.serve.batch import LabelRunConfig, format_summary
+
+    cfg = _labeler_config(args)
+    run = LabelRunConfig(out=args.out, window=args.window, workers=args.workers, post_workers=args.post_workers,
+                         on_error=args.on_error, cams=args.cams, overlays=args.overlays, rle=args.rle,
+                         decode=args.decode, restart=args.restart)
+    if args.ray:
+        from wsclip.serve.ray_job import label_images_ray
+
+        summary = label_images_ray(cfg, args.images, run, split=args.split, labels=args.labels, limit=args.limit,
+                                   concurrency=args.concurrency, gpus_per_actor=args.gpus_per_actor,
+                                   cpus_per_actor=args.cpus_per_actor, address=args.ray_address, num_cpus=args.ray_cpus)
+    else:
+        from wsclip.serve.batch import label_images
+
+        summary = label_images(cfg, args.images, run, split=args.split, labels=args.labels, limit=args.limit)
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 1 if summary["errors"] and args.on_error == "fail" else 0
+
+
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="HTTP labeling server (extra [serve]): POST /v1/label, /health, /metrics")
+    _labeler_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="largest dynamic batch")
+    p.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
+    p.add_argument("--max-pixels", type=int, default=36_000_000, help="largest image (width x height)")
+    p.add_argument("--max-batch-items", type=int, default=32, help="images per /v1/label/batch request")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its result")
+    p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="server log level (default info)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args):
+    import os
+
+    from wsclip.serve.server import ServeConfig, serve
+
+    token = os.environ.get("WSCLIP_SERVE_TOKEN") or None
+    if args.token_file is not None:
+        if not args.token_file.is_file():
+            raise WsclipError(f"token file not found: {args.token_file}")
+        token = args.token_file.read_text().strip() or None
+        if token is None:
+            raise WsclipError(f"token file {args.token_file} is empty")
+    cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
+                      max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
+                      max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
+                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout, token=token)
+    lab = _labeler_config(args)
+    return serve(lab.replace(batch_size=max(lab.batch_size, args.max_batch_size)), cfg, log_level=args.log_level)
