@@ -40,8 +40,22 @@ INTERRUPTED = ("interrupted: finished work is kept (each job's manifest.jsonl, t
                "re-run the same command to resume")
 
 
-_HELD: set[str] = set()  # manifests this process has locked
+_HELD: dict[str, int] = {}  # manifests this process has locked -> the locked descriptor
 _HELD_LOCK = threading.Lock()
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (DataLoader worker, process pool): close the descriptors that hold the parent's
+    job locks, so an orphan outliving a SIGKILLed parent for a moment never keeps the folder locked."""
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 class ItemFailed(WsclipError):
@@ -167,12 +181,12 @@ class Job:
             lock = open(path, "a")
             try:
                 # flock (not lockf): closing another descriptor of the file does not drop it, and the kernel
-                # drops it when the process dies, even by SIGKILL (forked workers exit with their parent)
+                # drops it when the process dies, even by SIGKILL (forked children close their copy at once)
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 lock.close()
                 raise busy from None
-            _HELD.add(key)
+            _HELD[key] = lock.fileno()
         self._lockfile, self._lock_key = lock, key
         try:
             for tmp in self.out.rglob(".*.tmp*"):
@@ -210,7 +224,7 @@ class Job:
             import fcntl
 
             with _HELD_LOCK:
-                _HELD.discard(self._lock_key)
+                _HELD.pop(self._lock_key, None)
             fcntl.flock(self._lockfile, fcntl.LOCK_UN)  # also for forked children sharing the descriptor
             self._lockfile.close()
             self._lockfile = None
@@ -376,8 +390,11 @@ def load_items(job: Job, dataset, todo: Sequence[str], load: Callable, num_worke
 
     want = set(todo)
     order = [i for i, image_id in enumerate(dataset.ids) if image_id in want]
+    from wsclip.workers import die_with_parent
+
     loader = torch.utils.data.DataLoader(_Items(dataset, order, load), batch_size=None, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_no_collate, **kw)
+                                         num_workers=num_workers, collate_fn=_no_collate,
+                                         worker_init_fn=die_with_parent if num_workers else None, **kw)
     for item in loader:
         if "error" in item:
             job.fail(item["id"], item["error"])
