@@ -31,7 +31,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOTAL_S = 7.5 * 60  # the whole check, leaving margin under 8 minutes
+TOTAL_S = 7.5 * 60  # the whole check on the GPU machine, leaving margin under 8 minutes
+#: the dry run runs on shared CI CPUs: its steps get this many times their GPU budget
+DRY_SLACK = 4
 SKIP_RC = 77  # a step that cannot run here exits with this
 
 SUITES = ("clip-encode", "clims-step", "clip-es-label", "label-e2e", "random-walk", "masked-batch", "caa")
@@ -49,15 +51,15 @@ class Check:
         (res / "logs").mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
-        return TOTAL_S - (time.monotonic() - self.t0)
+        return TOTAL_S * (DRY_SLACK if self.dry else 1) - (time.monotonic() - self.t0)
 
     def step(self, name: str, budget: float, cmd: list[str], env: dict | None = None, verdict=None) -> dict:
         """Run cmd with min(budget, time left) seconds; PASS on exit 0, SKIP on exit 77, FAIL otherwise
         (or what `verdict(rc, log)` says); the log goes to logs/<name>.log."""
         log = self.res / "logs" / (name.replace(" ", "_").replace("/", "_") + ".log")
-        limit = min(budget, self.left())
+        limit = min(budget * (DRY_SLACK if self.dry else 1), self.left())
         if limit < 10:
-            return self._record(name, "SKIP", "no time left in the 8-minute budget", 0.0, log)
+            return self._record(name, "SKIP", "no time left in the budget", 0.0, log)
         t = time.monotonic()
         try:
             with open(log, "w") as f:
@@ -135,14 +137,14 @@ def main(argv=None) -> int:
     print(f"wsclip gpu check{' (dry run: CPU, toy sizes)' if dry else ''} -> {res}", flush=True)
 
     # environment: what ran where (always first; a broken torch shows here)
-    c.step("environment", 60, [py, "-c", _ENV_PY, str(res / "environment.json")])
+    c.step("environment", 45, [py, "-c", _ENV_PY, str(res / "environment.json")])
     if not dry:
         shutil.which("nvidia-smi") and c.step("nvidia-smi", 20, ["nvidia-smi"])
 
     # kernels on CUDA (or the interpreter in the dry run)
     pytest = [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={res / 'kernels_junit.xml'}"]
     if dry:
-        c.step("kernels", 120, pytest + list(DRY_KERNEL_TESTS), env={"TRITON_INTERPRET": "1"})
+        c.step("kernels", 30, pytest + list(DRY_KERNEL_TESTS), env={"TRITON_INTERPRET": "1"})
     else:
         c.step("kernels", 150, pytest + ["tests/kernels", "--ignore=tests/kernels/test_compile.py"],
                env={"TRITON_INTERPRET": "0", "WSCLIP_KERNEL_DEVICE": "cuda"})
@@ -168,7 +170,7 @@ def main(argv=None) -> int:
         mode = ["--tiny", "--device", "cpu"] if dry else ["--device", "cuda", "--budget", "3"]
         out_dir = res / "bench" / s
         out_dir.mkdir(parents=True, exist_ok=True)
-        c.step(f"bench {s}", 40 if dry else 75, [py, "-m", "wsclip.cli", "bench", "--suites", s, "--out",
+        c.step(f"bench {s}", 20 if dry else 75, [py, "-m", "wsclip.cli", "bench", "--suites", s, "--out",
                                                  str(out_dir), *mode], verdict=bench_verdict(out_dir, s))
 
     c.step("tensorrt", 120, [py, "benchmarks/gpu_trt.py", "--out", str(res / "tensorrt")] + (["--dry-run"] if dry else []))
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     print(f"OVERALL {overall}: {sum(ln['status'] == 'PASS' for ln in c.lines)} passed, {len(bad)} failed, "
           f"{sum(ln['status'] == 'SKIP' for ln in c.lines)} skipped in {total:.0f} s; results in {res}", flush=True)
     out = os.environ.get("OUT")
-    if out and not dry:
+    if out:
         shutil.copytree(res, Path(out) / res.name, dirs_exist_ok=True)
     return 1 if bad else 0
 

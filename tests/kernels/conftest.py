@@ -19,10 +19,15 @@ def _poison_outputs(monkeypatch):
 @pytest.fixture
 def kdev() -> torch.device:
     """The device the Triton kernels run on in this session: CPU (interpreter) or CUDA."""
+    import os
+
     from wsclip.kernels._dispatch import interpreting
 
-    if interpreting():
+    want_cuda = os.environ.get("WSCLIP_KERNEL_DEVICE") == "cuda"  # set by gpu_check.sh: a skip would hide a failure
+    if interpreting() and not want_cuda:
         return torch.device("cpu")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not interpreting():
         return torch.device("cuda")
+    if want_cuda:
+        pytest.fail("WSCLIP_KERNEL_DEVICE=cuda but CUDA is not available or TRITON_INTERPRET=1")
     pytest.skip("the Triton kernels need TRITON_INTERPRET=1 (interpreter) or a CUDA GPU")
