@@ -113,8 +113,8 @@ def bench_verdict(out_dir: Path, suite: str):
         failed = [c["name"] for c in entry.get("checks", []) if not c.get("passed")]
         if entry.get("status") != "ok" or failed or rc != 0:
             return "FAIL", (entry.get("reason") or f"checks failed: {', '.join(failed)}")[:300]
-        ratios = [f"{c['case']}: {c['ratio']:.2f}x vs {c['baseline']}" for c in entry.get("comparisons", [])
-                  if "ratio" in c and "baseline" in c][:2]
+        ratios = [f"{c.get('case')}: {c['ratio']:.2f}x vs {c.get('baseline')}" for c in entry.get("comparisons", [])
+                  if isinstance(c.get("ratio"), (int, float))][:2]
         return "PASS", f"{len(entry.get('checks', []))} checks passed; " + "; ".join(ratios)
 
     return verdict
