@@ -107,7 +107,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, required=True, help="JSON file for the results")
     p.add_argument("--dry-run", action="store_true", help="CPU, toy sizes (the CI run of this script)")
     args = p.parse_args(argv)
-    dev = torch.device("cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+    if not args.dry_run and not torch.cuda.is_available():
+        print("FAIL no CUDA device: the CUDA paths need a GPU (use --dry-run on a CPU)")
+        return 1
+    dev = torch.device("cpu" if args.dry_run else "cuda")
     results = {}
     for name, fn in CHECKS.items():
         t0 = time.perf_counter()
