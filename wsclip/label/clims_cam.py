@@ -22,6 +22,7 @@ from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, Ws
 from wsclip.formats import read_cam_file, write_cam_file  # noqa: F401 - re-exported
 from wsclip.models.camnet import load_camnet
 from wsclip.constants import CAM_SCALES
+from wsclip.runtime import precision
 
 DEFAULT_SCALES = CAM_SCALES
 
@@ -33,7 +34,6 @@ def cam_maps(net, image, keys, scales: Sequence[float] = DEFAULT_SCALES, flip: b
     that `wsclip label`, the server and the exported graph run.
     """
     from wsclip.label.cam_labeler import CamLabeler
-    from wsclip.runtime import autocast
 
     lab = net if isinstance(net, CamLabeler) else CamLabeler(net, [str(k) for k in range(net.num_classes)],
                                                              scales=scales, flip=flip)
@@ -42,7 +42,7 @@ def cam_maps(net, image, keys, scales: Sequence[float] = DEFAULT_SCALES, flip: b
     keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1).to(device)
     y = torch.zeros(1, len(lab.classes), device=device)
     y[0, keys] = 1.0
-    with torch.inference_mode(), autocast(device, amp):
+    with torch.inference_mode(), precision(device, amp):
         high, low = lab.cams(x, y, low=True)
     return low[0, keys].float(), high[0, keys].float()
 

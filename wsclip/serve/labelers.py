@@ -38,6 +38,7 @@ from wsclip.config import opt, parse_numbers
 from wsclip.errors import CheckpointError, ShapeError, WsclipError
 from wsclip.formats import mask_annotations, rle_decode, rle_encode  # noqa: F401 - re-exported
 from wsclip.label.masks import background_argmax
+from wsclip.runtime import precision
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
 
 METHODS = ("auto", "cam", "seg", "clip-es")
@@ -357,9 +358,7 @@ class CamNetLabeler(Labeler):
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
-                   else torch.autocast(self.device.type, enabled=False))
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), precision(self.device, self.cfg.amp):
                 maps = self.module.cams(x, None, low=want_low)
         finally:
             if hook is not None:
@@ -426,9 +425,7 @@ class SegNetLabeler(Labeler):
         if self.module is None:
             probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
         else:
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
-                   else torch.autocast(self.device.type, enabled=False))
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), precision(self.device, self.cfg.amp):
                 probs, _ = self.module(x)
             probs = probs.float()
         allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
