@@ -92,3 +92,13 @@ def kill_and_resume(argv: list[str], out: Path, suffix: str, rounds: int = 2, se
             in_flight = max(in_flight, len(set(files) - ok))
             prev = (files, ok)
     return {"kills": kills, "in_flight": in_flight, "redone": redone, "recorded_redone": recorded_redone}
+
+
+def stop_after(n: int, seen: list):
+    """An on_image callback that records ids and raises KeyboardInterrupt (a Ctrl-C) at the n-th."""
+    def callback(image_id):
+        seen.append(image_id)
+        if len(seen) == n:
+            raise KeyboardInterrupt
+
+    return callback

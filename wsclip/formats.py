@@ -98,11 +98,11 @@ def rle_encode(binary: np.ndarray) -> dict:
     counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
     if flat.size and flat[0] == 1:
         counts = [0] + counts
-    return {"size": [int(b.shape[0]), int(b.shape[1])], "counts": _rle_string(counts)}
+    return {"size": [int(b.shape[0]), int(b.shape[1])], "counts": rle_counts_string(counts)}
 
 
-def _rle_string(counts: list[int]) -> str:
-    """COCO's LEB128-like text form: 5 bits a character (offset 48), runs after the 3rd stored as deltas."""
+def rle_counts_string(counts) -> str:
+    """COCO's compressed RLE text of run lengths: LEB128-like: 5 bits a character (offset 48), runs after the 3rd stored as deltas."""
     out = []
     for i, c in enumerate(counts):
         x = int(c) - (int(counts[i - 2]) if i > 2 else 0)

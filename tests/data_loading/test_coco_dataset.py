@@ -11,26 +11,9 @@ from PIL import Image
 from wsclip.data import COCODataset, open_dataset
 from wsclip.data.coco_masks import decode_rle_string, polygon_to_mask, rle_to_mask, segmentation_to_mask
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError
+from wsclip.formats import rle_counts_string as encode_rle_string  # the writer of `wsclip label --rle`
 from wsclip.io import write_mask
 from wsclip.vocab import COCO_CLASSES
-
-
-def encode_rle_string(counts):
-    """Reference encoder of COCO's compressed RLE (written from the format description)."""
-    out = []
-    for i, x in enumerate(counts):
-        if i > 2:
-            x -= counts[i - 2]
-        while True:
-            c = x & 0x1F
-            x >>= 5
-            more = (x != -1) if (c & 0x10) else (x != 0)
-            if more:
-                c |= 0x20
-            out.append(chr(c + 48))
-            if not more:
-                break
-    return "".join(out)
 
 
 def runs_of(mask):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from job_helpers import stop_after
 from wsclip.cli import main
 from wsclip.errors import WsclipError
 from wsclip.eval.metrics import ConfusionMatrix
@@ -60,16 +61,9 @@ def test_cam_files_on_voc14_resume_and_eval(voc14, tmp_path):
     save_camnet(ckpt, build_camnet("tiny", num_classes=20), [f"c{i}" for i in range(20)])
     out = tmp_path / "cams"
 
-    done = []
-
-    def interrupt(image_id):
-        done.append(image_id)
-        if len(done) == 5:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         make_cams(ckpt, str(voc14), out, split="val", scales=(0.5, 0.25), device="cpu", num_workers=2,
-                  on_image=interrupt)
+                  on_image=stop_after(5, []))
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
     assert len(first) == 5 and not list(out.glob(".*tmp*"))
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from job_helpers import stop_after
 from wsclip.cli import main
 from wsclip.errors import BadFileError
 from wsclip.io import read_mask
@@ -98,15 +99,8 @@ def test_pseudo_masks_cli_and_eval(world, tmp_path):
 def test_interrupt_and_resume(world, tmp_path):
     root, cams = world
     out = tmp_path / "masks"
-    seen = []
-
-    def stop_after_two(image_id):
-        seen.append(image_id)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        make_pseudo_masks(cams, out, data=str(root), split="val", on_image=stop_after_two)
+        make_pseudo_masks(cams, out, data=str(root), split="val", on_image=stop_after(2, []))
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert len(done) == 2 and not list(out.glob(".*"))  # no temporary leftovers
     res = make_pseudo_masks(cams, out, data=str(root), split="val")

@@ -13,7 +13,7 @@ from typing import Iterable
 import torch.nn.functional as F
 
 from wsclip.config import CamConfig, TrainConfig
-from wsclip.errors import DatasetLayoutError
+from wsclip.errors import DatasetLayoutError, WsclipError
 
 FINAL_NAME = "camnet.safetensors"
 
@@ -56,6 +56,25 @@ def trainer_kwargs(cfg: TrainConfig) -> dict:
         log_every=cfg.log_every, sync_bn=cfg.sync_bn, device=cfg.device, num_workers=cfg.num_workers,
         collate_fn=collate,
     )
+
+
+def init_cam_network(cfg, classes, note: str | None = None):
+    """The CAM network a CLIP-guided trainer starts from: the baseline checkpoint `cfg.init` (its classes
+    must match), else a fresh network (printing `note` on rank 0)."""
+    from wsclip.models.camnet import build_camnet, load_camnet
+    from wsclip.train.loop import rank
+
+    if cfg.init:
+        net, _ = load_camnet(cfg.init)
+        if net.num_classes != len(classes):
+            raise WsclipError(
+                f"{cfg.init} was trained for {net.num_classes} classes, the dataset has {len(classes)}: "
+                "start from a baseline trained on this dataset"
+            )
+        return net.train()
+    if note and rank() == 0:
+        print(note, file=sys.stderr)
+    return build_camnet(cfg.backbone, len(classes), cfg.pretrained)
 
 
 def fit_cam_network(net, step, ds, classes, cfg: TrainConfig, desc: str, resume: bool, callbacks: Iterable,

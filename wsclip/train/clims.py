@@ -14,7 +14,6 @@ micro-batch means (equal to the batch mean when micro-batches hold equal pair co
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -161,9 +160,8 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     `dataset` / `clip` may be given pre-built (tests, notebooks); otherwise they come from
     cfg.data and cfg.clip.
     """
-    from wsclip.models.camnet import build_camnet, load_camnet
-    from wsclip.train.baseline_cam import fit_cam_network, open_train_dataset
-    from wsclip.train.loop import init_distributed, rank, resolve_device, seed_everything
+    from wsclip.train.baseline_cam import fit_cam_network, init_cam_network, open_train_dataset
+    from wsclip.train.loop import init_distributed, resolve_device, seed_everything
 
     cfg.validate()
     init_distributed()
@@ -174,19 +172,8 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     word_mask = background_mask(cfg, classes, background)
 
     seed_everything(cfg.seed)
-    if cfg.init:
-        net, meta = load_camnet(cfg.init)
-        if net.num_classes != len(classes):
-            raise WsclipError(
-                f"{cfg.init} was trained for {net.num_classes} classes, the dataset has {len(classes)}: "
-                "start from a baseline trained on this dataset"
-            )
-        net.train()
-    else:
-        net = build_camnet(cfg.backbone, len(classes), cfg.pretrained)
-        if rank() == 0:
-            print("note: CLIMS starts from a baseline CAM network in the papers; pass --init "
-                  "(the output of `wsclip train cam`)", file=sys.stderr)
+    net = init_cam_network(cfg, classes, "note: CLIMS starts from a baseline CAM network in the papers; pass "
+                           "--init (the output of `wsclip train cam`)")
 
     if clip is None:
         clip = load_frozen_clip(cfg.clip, device, cfg.clip_precision)

@@ -205,8 +205,7 @@ def train_qa_clims(cfg: QaClimsConfig, resume: bool = False, dataset=None, clip=
     `dataset`, `clip` and `corpus` may be given pre-built; otherwise they come from
     cfg.data, cfg.clip and cfg.corpus.
     """
-    from wsclip.models.camnet import build_camnet, load_camnet
-    from wsclip.train.baseline_cam import fit_cam_network, open_train_dataset
+    from wsclip.train.baseline_cam import fit_cam_network, init_cam_network, open_train_dataset
     from wsclip.train.loop import init_distributed, resolve_device, seed_everything
 
     cfg.validate()
@@ -225,16 +224,7 @@ def train_qa_clims(cfg: QaClimsConfig, resume: bool = False, dataset=None, clip=
     check_coverage(ds, entries, cfg.missing)
 
     seed_everything(cfg.seed)
-    if cfg.init:
-        net, _ = load_camnet(cfg.init)
-        if net.num_classes != len(classes):
-            raise WsclipError(
-                f"{cfg.init} was trained for {net.num_classes} classes, the dataset has {len(classes)}: "
-                "start from a baseline trained on this dataset"
-            )
-        net.train()
-    else:
-        net = build_camnet(cfg.backbone, len(classes), cfg.pretrained)
+    net = init_cam_network(cfg, classes)
 
     if clip is None:
         clip = load_frozen_clip(cfg.clip, device, cfg.clip_precision)
