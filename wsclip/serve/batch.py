@@ -9,7 +9,11 @@ device. Outputs, under --out:
     cams/<id>.npz           with --cams: keys, cam (stride 4), high_res (the `wsclip cam` format)
     overlays/<id>.png       with --overlays
     annotations.json        with --rle: COCO-style RLE annotations of every labelled image
-    manifest.jsonl          one line per finished (or failed) image; what a re-run skips
+    manifest.jsonl          one line per finished (or failed) image; what a re-run skips; each line
+                            carries the image's quality score and its signals (wsclip.label.quality),
+                            and with --gt DIR its per-class IoU
+    classes.json            the class names (mask value k + 1 is class k)
+    review.json             accept / reject marks of `wsclip review` (the exports honour them)
     errors.json             images skipped with --on-error skip, and why
     summary.json            counts, throughput, errors of the last run
     label_config.json       the settings the outputs were made with (a re-run must match them)
@@ -40,6 +44,7 @@ from wsclip.workers import die_with_parent
 
 MANIFEST = "manifest.jsonl"
 CONFIG_FILE = "label_config.json"
+CLASSES_FILE = "classes.json"
 LOCK_FILE = ".wsclip-label.lock"
 ON_ERROR = ("skip", "fail")
 DECODERS = ("auto", "cpu", "gpu")
@@ -305,6 +310,13 @@ class OutputOptions:
     rle: bool = False
     classes: tuple[str, ...] = ()
     crf: bool = False
+    quality: bool = True              # the quality score (wsclip.label.quality) in each record
+    gt: Path | None = None            # folder of ground-truth <id>.png: per-image IoU in the record
+
+    @property
+    def wants_cams(self) -> bool:
+        """Whether the labeler must return CAMs (written with --cams; the quality score's sharpness)."""
+        return self.cams or self.quality
 
 
 def windows(n: int, size: int) -> list[range]:
@@ -321,6 +333,7 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
 
     out = Path(opts.out)
     image = host_image(image) if (opts.crf or opts.overlays) and image is not None else None
+    before = result.mask.copy() if opts.crf and result.crf_scores is not None else None
     if opts.crf:
         result = refine_result(image, result)
     mask = result.mask
@@ -349,7 +362,20 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
            "labels": [int(k) for k in result.keys], "predicted": bool(result.predicted), "files": files}
     if opts.rle:
         rec["annotations"] = mask_annotations(mask, opts.classes)
+    if opts.quality:
+        rec["quality"] = image_quality(image_id, mask, result, before, opts)
     return rec
+
+
+def image_quality(image_id: str, mask: np.ndarray, result: LabelResult, before, opts: OutputOptions) -> dict:
+    """The record's "quality" entry; with opts.gt, the IoU against <gt>/<id>.png when that file exists."""
+    from wsclip.io import read_mask
+    from wsclip.label.quality import assess
+
+    gt = None
+    if opts.gt is not None and (Path(opts.gt) / f"{image_id}.png").is_file():
+        gt = read_mask(Path(opts.gt) / f"{image_id}.png")
+    return assess(mask, result.keys, result.cams, before, gt=gt, num_classes=len(opts.classes) + 1)
 
 
 def error_record(image_id: str, message: str) -> dict:
@@ -446,6 +472,7 @@ class LabelRunConfig:
     rle: bool = False
     decode: str = "auto"
     restart: bool = False
+    gt: Path | None = None            # ground-truth masks: per-image IoU in the manifest
     extra: dict = field(default_factory=dict)
 
 
@@ -464,8 +491,11 @@ def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: Imag
         if lab.get(key):
             lab[key] = {"path": str(lab[key]), "sha256": file_sha256(lab[key]) if Path(lab[key]).is_file() else None}
     lab["scales"] = list(lab["scales"])
-    return {"labeler": lab, "window": window, "cams": run.cams, "overlays": run.overlays, "rle": run.rle,
-            "labels": "given" if source.has_labels else "predicted", "decoder": decoder}
+    out = {"labeler": lab, "window": window, "cams": run.cams, "overlays": run.overlays, "rle": run.rle,
+           "labels": "given" if source.has_labels else "predicted", "decoder": decoder}
+    if run.gt is not None:  # only when given: folders labelled before --gt existed keep resuming
+        out["gt"] = str(Path(run.gt).resolve())
+    return out
 
 
 def _prepare_out(out: Path, settings: dict, restart: bool):
@@ -517,6 +547,7 @@ def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: 
     errors = [{"id": i, "error": r.get("error", "")} for i, r in manifest.records.items() if r.get("status") == "error"]
     atomic_write_json(out / "errors.json", errors)
     atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / CLASSES_FILE, list(classes))
     if rle:
         images, anns = [], []
         for n, image_id in enumerate(source.ids):
@@ -574,9 +605,12 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     wins = [w for w in windows(len(source), window) if any(source.ids[i] not in done for i in w)]
     todo = sum(1 for w in wins for i in w if source.ids[i] not in done)
     opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
-                         crf=labeler.refine == "crf")
+                         crf=labeler.refine == "crf", gt=run.gt)
+    if run.gt is not None and not Path(run.gt).is_dir():
+        raise MissingFileError(f"ground-truth folder not found: {run.gt} (give a folder of <id>.png masks)")
     gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
+    source_index = {source.ids[i]: i for i in order}
     loader = torch.utils.data.DataLoader(
         _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
         collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
@@ -585,6 +619,7 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     pending: deque[tuple[str, Future | dict]] = deque()
     counts = {"labelled": 0, "errors": 0}
     failure: list[str] = []
+    paths: dict[str, str] = {}
     bar = progress(total=todo, desc="label", unit="img")
     t0 = time.perf_counter()
 
@@ -597,6 +632,8 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
                 rec = fut.result() if isinstance(fut, Future) else fut
             except Exception as exc:  # noqa: BLE001 - a failed refinement/encoding fails this image only
                 rec = error_record(image_id, f"{type(exc).__name__}: {exc}")
+            if rec.get("status") == "ok" and image_id in paths:
+                rec["image"] = paths.pop(image_id)  # where the review page and the exports find the photo
             recs.append(rec)
         manifest.append(recs)
         for rec in recs:
@@ -617,13 +654,15 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
             items = [next(it) for _ in w]
             if gpu_jpeg:
                 items = gpu_decode(items, labeler.device)
-            labelled, errs = label_window(labeler, items, run.cams)
+            labelled, errs = label_window(labeler, items, opts.wants_cams)
             for rec in errs:
                 if rec["id"] not in done:
                     pending.append((rec["id"], rec))
             for image_id, image, result in labelled:
                 if image_id in done:
                     continue
+                if (p := source.path(source_index[image_id])) is not None:
+                    paths[image_id] = str(Path(p).resolve())
                 image = host_image(image) if opts.crf or opts.overlays else None  # only these need the pixels
                 if pool is None:
                     try:

@@ -41,7 +41,7 @@ class WindowLabeler:
         for start, stop, skip in zip(batch["start"], batch["stop"], batch["skip"]):
             skip = set(json.loads(str(skip)))
             items = list(self.pool.map(lambda i: load_item(self.source, i), range(int(start), int(stop))))
-            labelled, errs = label_window(self.labeler, items, self.opts.cams)
+            labelled, errs = label_window(self.labeler, items, self.opts.wants_cams)
             records += [r for r in errs if r["id"] not in skip]
             futs = [(i, self.pool.submit(finish_image, i, im, r, self.opts)) for i, im, r in labelled if i not in skip]
             del items, labelled
