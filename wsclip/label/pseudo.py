@@ -4,7 +4,9 @@ Per image: scores = [background, CAMs of the present classes], background either
 threshold or (1 - max_c CAM)^alpha; optionally IRN random walk (boundary maps from an IRN
 checkpoint or a folder), dense CRF (in worker processes) and the confidence filter of CLIP-ES's
 CGL (max posterior below 0.95 -> 255); argmax; a palette PNG per image (`wsclip eval` reads it).
-Outputs are written atomically; existing PNGs are skipped, so a killed run resumes. A corrupt
+Outputs are written atomically; existing PNGs are skipped, so a killed run resumes. Each mask's
+quality score (wsclip.label.quality: CGL-dropped share, CRF changes, CAM sharpness, degenerate classes)
+goes to `quality.json` ({id: quality}) in the output folder, for `wsclip review` and the exports. A corrupt
 or mismatched CAM file is reported by name and skipped (`on_error="skip"`) or stops the run.
 """
 
@@ -25,6 +27,7 @@ from wsclip.refine.crf import CRFParams, crf_pool
 __all__ = ["PseudoConfig", "stack_scores", "scores_to_mask", "pseudo_mask", "read_cams", "make_pseudo_masks"]
 
 BACKGROUNDS = ("power", "threshold")
+QUALITY_FILE = "quality.json"  # {id: quality entry} of the masks in a `wsclip pseudo` folder
 ON_ERROR = ("skip", "fail")
 
 
@@ -120,16 +123,21 @@ def random_walk_scores(cams: np.ndarray, edge, cfg: PseudoConfig, low=None, devi
     return scores.float().cpu().numpy()
 
 
-def _finish(job) -> str:
-    """Worker side: optional CRF, confidence filter, argmax, atomic PNG write. Returns the output path."""
+def _finish(job) -> dict:
+    """Worker side: optional CRF, confidence filter, argmax, atomic PNG write. Returns the mask's quality entry."""
     from wsclip.io import write_mask
+    from wsclip.label.quality import assess
     from wsclip.refine.crf import dense_crf
 
     image, scores, keys, out_path, cfg = job
+    before = None
+    cams = scores[1:]
     if cfg.crf:
+        before = scores_to_mask(scores, keys)
         scores = dense_crf(image, scores, cfg.crf_params)
-    write_mask(out_path, scores_to_mask(scores, keys, cfg.confidence))
-    return str(out_path)
+    mask = scores_to_mask(scores, keys, cfg.confidence)
+    write_mask(out_path, mask)
+    return assess(mask, keys, cams, before)
 
 
 def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edge=None) -> np.ndarray:
@@ -150,6 +158,23 @@ def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edg
 
 
 # ----------------------------------------------------------------------------- runner
+def _save_quality(path: Path, new: dict) -> None:
+    """Merge this run's quality entries into the folder's quality.json (atomically)."""
+    import json
+
+    from wsclip.io import atomic_write_json
+
+    if not new:
+        return
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+    atomic_write_json(path, {**(old if isinstance(old, dict) else {}), **new})
+
+
 def _open(data, split):
     if data is None or not isinstance(data, (str, Path)):
         return data
@@ -250,13 +275,14 @@ def make_pseudo_masks(
         workers = default_workers() if cfg.crf else 0
     pool = crf_pool(workers) if (cfg.crf and workers > 1) else None
     inflight: list = []
+    quality: dict[str, dict] = {}
     bar = progress(total=len(todo), desc="pseudo", unit="img")
 
     def collect(limit: int) -> None:
         nonlocal written
         while len(inflight) > limit:
             image_id, fut = inflight.pop(0)
-            fut.result()
+            quality[image_id] = fut.result()
             written += 1
             bar.update(1)
             if on_image is not None:
@@ -288,7 +314,7 @@ def make_pseudo_masks(
                 continue
             job = (image, scores, cam["keys"], out / f"{image_id}.png", cfg)
             if pool is None:
-                _finish(job)
+                quality[image_id] = _finish(job)
                 written += 1
                 bar.update(1)
                 if on_image is not None:
@@ -301,4 +327,5 @@ def make_pseudo_masks(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+        _save_quality(out / QUALITY_FILE, quality)
     return {"written": written, "skipped": len(ids) - len(todo), "failed": failed, "total": len(ids)}

@@ -4,7 +4,8 @@ Computed from signals the labelling pipeline already has, without ground truth (
 1 = bad):
 
     dropped      share of pixels the confidence filter (CGL) set to 255 (ignore)
-    crf_changed  share of pixels whose label the dense CRF changed from the CAM argmax (None: no CRF)
+    crf_changed  share of the kept (not 255) pixels whose label the dense CRF changed from the CAM
+                 argmax (None: no CRF)
     blur         1 - mean CAM sharpness over the labelled classes; a class's sharpness is the contrast
                  of its CAM between the pixels it won and the rest of the image (mean inside minus
                  mean outside, CAMs in [0, 1]); 1 when the class won no pixel (None: no CAMs)
@@ -57,7 +58,7 @@ def quality_signals(mask: np.ndarray, keys: Sequence[int], cams: np.ndarray | No
     sig: dict = {"dropped": float((~valid).mean()) if n else 0.0}
     if mask_before is not None:
         before = np.asarray(mask_before)
-        sig["crf_changed"] = float((before != mask).mean()) if n else 0.0
+        sig["crf_changed"] = float((before != mask)[valid].mean()) if valid.any() else 0.0
     else:
         sig["crf_changed"] = None
     area, bad = {}, 0

@@ -256,22 +256,23 @@ class Manifest:
     """Append-only JSON-lines record of finished images (the last record of an id wins).
 
     A run killed mid-line leaves a partial last line: reading drops it and truncates the file to
-    its last complete line, so later appends stay valid JSON lines.
+    its last complete line, so later appends stay valid JSON lines. `repair=False` (readers such as
+    `wsclip review`, which may run beside a labelling run) only drops it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, repair: bool = True):
         self.path = Path(path)
         self.records: dict[str, dict] = {}
         if self.path.is_file():
-            self._load()
+            self._load(repair)
 
-    def _load(self) -> None:
+    def _load(self, repair: bool = True) -> None:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end != len(data):  # partial tail from a killed run
+        if end != len(data) and repair:  # partial tail from a killed run
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-            data = data[:end]
+        data = data[:end]
         for line in data.decode("utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue

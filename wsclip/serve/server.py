@@ -45,7 +45,7 @@ log = logging.getLogger("wsclip.serve")
 
 FORMATS = ("png", "rle")
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
-PROTECTED_PREFIXES = ("/v1/", "/metrics")
+PROTECTED_PREFIXES = ("/v1/", "/metrics", "/review/api/")
 
 
 @dataclass
@@ -68,6 +68,7 @@ class ServeConfig:
     graceful_timeout_s: int = 30
     max_connections: int | None = None   # open requests at once (default: 2 * max_queue + 32)
     exit_on_load_failure: bool = True    # a server whose model cannot load exits (else: stays up, not ready)
+    review: str | None = None            # a labelled folder whose review page is mounted under /review
 
 
 class ApiError(Exception):
@@ -365,13 +366,8 @@ class _Guard:
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
     def _precheck(self, path: str, headers: dict) -> ApiError | None:
-        token = self.svc.cfg.token
-        if token and path.startswith(PROTECTED_PREFIXES):
-            auth = headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                return ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                                {"WWW-Authenticate": "Bearer"})
+        if (err := token_error(self.svc.cfg.token, path, headers)) is not None:
+            return err
         cl = headers.get("content-length")
         if cl is not None:
             try:
@@ -382,6 +378,17 @@ class _Guard:
                 return ApiError(413, f"request body of {n} bytes is above the limit of {self.svc.cfg.max_body_bytes}",
                                 {"Connection": "close"})
         return None
+
+
+def token_error(token: str | None, path: str, headers: dict) -> ApiError | None:
+    """The 401 for a protected path without the bearer token (None when allowed); the rule of every wsclip server."""
+    if token and path.startswith(PROTECTED_PREFIXES):
+        auth = headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                            {"WWW-Authenticate": "Bearer"})
+    return None
 
 
 async def _drain(receive, cap: int) -> None:
@@ -600,6 +607,11 @@ def create_app(labeler, cfg: ServeConfig | None = None):
 
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if cfg.review is not None:
+        from wsclip.serve.folder import LabeledFolder
+        from wsclip.serve.review import review_app
+
+        app.mount("/review", review_app(LabeledFolder(cfg.review)))
     guarded = _Guard(app, svc)
     guarded.state = app.state  # type: ignore[attr-defined] - tests and run helpers reach the service here
     return guarded
