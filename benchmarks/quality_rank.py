@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SIGNALS = ("dropped", "crf_changed", "blur", "degenerate")
+SIGNALS = ("dropped", "coverage", "crf_changed", "blur", "degenerate")
 
 
 def log(msg: str) -> None:

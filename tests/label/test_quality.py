@@ -21,6 +21,7 @@ def test_dropped_crf_and_degenerate_signals_count_what_they_say():
     m[0, :5] = 255
     sig = quality_signals(m, keys=[1, 4])  # class 4 labelled but empty
     assert sig["dropped"] == pytest.approx(5 / 200)
+    assert sig["coverage"] == pytest.approx(36 / 200)
     assert sig["crf_changed"] is None and sig["blur"] is None
     assert sig["degenerate"] == pytest.approx(0.5)
     assert sig["area"] == {"1": pytest.approx(36 / 200), "4": 0.0}
@@ -49,7 +50,8 @@ def test_blur_is_low_for_a_cam_that_separates_its_mask_and_high_for_a_flat_one()
 
 def test_score_is_one_minus_the_weighted_mean_of_the_signals_present():
     assert quality_score({"dropped": 0.0, "crf_changed": None, "blur": None, "degenerate": 0.0}) == 1.0
-    assert quality_score({"dropped": 0.5, "crf_changed": 0.1, "blur": 0.3, "degenerate": 0.0}) == pytest.approx(0.775)
+    assert quality_score({"dropped": 0.5, "crf_changed": 0.1, "blur": 0.3, "degenerate": 0.0,
+                          "coverage": 0.6}) == pytest.approx(0.7)
     assert quality_score({"dropped": 0.5}, weights={"dropped": 2.0, "blur": 1.0}) == pytest.approx(0.5)
     assert quality_score({}) == 1.0
 

@@ -10,8 +10,12 @@ Computed from signals the labelling pipeline already has, without ground truth (
                  of its CAM between the pixels it won and the rest of the image (mean inside minus
                  mean outside, CAMs in [0, 1]); 1 when the class won no pixel (None: no CAMs)
     degenerate   share of the labelled classes whose mask is empty or covers (almost) the whole image
+    coverage     share of the image the classes claim (not background, not ignore): the graded form of
+                 "a class covers the whole image". CAMs bleed: a weakly supervised mask that claims most
+                 of the photo is usually wrong (on the synthetic world this one signal ranks best, see
+                 BENCHMARKS.md); on photos where objects fill the frame it flags correct masks too
 
-score = 1 - clip(sum_i w_i * signal_i / sum of the weights of the signals present), in [0, 1];
+score = 1 - sum_i w_i * signal_i / (sum of the weights of the signals present), in [0, 1];
 higher is better, so sorting by score ascending lists the worst first. Where ground truth exists,
 `image_iou` gives the per-class IoU and per-image mIoU (the eval rule: wsclip.eval.metrics).
 """
@@ -28,7 +32,7 @@ __all__ = ["WEIGHTS", "WHOLE_IMAGE", "quality_signals", "quality_score", "assess
            "format_worst"]
 
 #: weights of the signals in the score (set a priori, not fitted: see BENCHMARKS.md for the ranking figures)
-WEIGHTS = {"dropped": 1.0, "crf_changed": 1.0, "blur": 1.0, "degenerate": 1.0}
+WEIGHTS = {"dropped": 1.0, "crf_changed": 1.0, "blur": 1.0, "degenerate": 1.0, "coverage": 1.0}
 #: a class mask covering at least this share of the image counts as "the whole image"
 WHOLE_IMAGE = 0.95
 
@@ -49,13 +53,15 @@ def quality_signals(mask: np.ndarray, keys: Sequence[int], cams: np.ndarray | No
 
     keys: 0-based labelled classes; cams: (len(keys), H', W') maps in [0, 1] in keys order (resized
     to the mask when their size differs); mask_before: the mask before the CRF (same size).
-    Returns {"dropped", "crf_changed", "blur", "degenerate", "sharpness": {class: value}, "area": {class: share}}.
+    Returns {"dropped", "coverage", "crf_changed", "blur", "degenerate", "sharpness": {class: value},
+    "area": {class: share}}.
     """
     mask = np.asarray(mask)
     keys = [int(k) for k in np.asarray(keys).reshape(-1)]
     n = mask.size
     valid = mask != 255
-    sig: dict = {"dropped": float((~valid).mean()) if n else 0.0}
+    sig: dict = {"dropped": float((~valid).mean()) if n else 0.0,
+                 "coverage": float((valid & (mask != 0)).mean()) if n else 0.0}
     if mask_before is not None:
         before = np.asarray(mask_before)
         sig["crf_changed"] = float((before != mask)[valid].mean()) if valid.any() else 0.0
@@ -139,15 +145,16 @@ def worst_first(records: Iterable[dict], n: int | None = None) -> list[dict]:
     return scored if n is None else scored[: max(0, int(n))]
 
 
-def format_worst(records: Sequence[dict], classes: Sequence[str] = ()) -> str:
+def format_worst(records: Sequence[dict]) -> str:
     """A table for the terminal: rank, score, the main signals, mIoU when known, id."""
-    lines = [f"{'rank':>4}  {'score':>5}  {'drop':>5}  {'crf':>5}  {'blur':>5}  {'degen':>5}  {'mIoU':>5}  id"]
+    lines = [f"{'rank':>4}  {'score':>5}  {'drop':>5}  {'cover':>5}  {'crf':>5}  {'blur':>5}  {'degen':>5}  {'mIoU':>5}  id"]
 
     def f(v):
         return "    -" if v is None else f"{v:5.2f}"
 
     for i, r in enumerate(records, 1):
         q = r["quality"]
-        lines.append(f"{i:>4}  {f(q['score'])}  {f(q.get('dropped'))}  {f(q.get('crf_changed'))}  {f(q.get('blur'))}  "
+        lines.append(f"{i:>4}  {f(q['score'])}  {f(q.get('dropped'))}  {f(q.get('coverage'))}  {f(q.get('crf_changed'))}  "
+                     f"{f(q.get('blur'))}  "
                      f"{f(q.get('degenerate'))}  {f(q.get('miou'))}  {r['id']}")
     return "\n".join(lines)

@@ -16,8 +16,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 
 from wsclip.errors import BadFileError, MissingFileError, WsclipError
@@ -211,13 +209,5 @@ class LabeledFolder:
         rows = self.worst(n)
         if not rows:
             return "no quality scores in this folder (labelled before wsclip recorded them?)"
-        return f"the {len(rows)} masks to review first (lowest quality score):\n" + format_worst(rows, self.classes)
+        return f"the {len(rows)} masks to review first (lowest quality score):\n" + format_worst(rows)
 
-
-def sizes_of(folder: LabeledFolder, ids: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """(H, W) of each mask, from the records where they hold it."""
-    out = {}
-    for i in ids:
-        size = folder.records[i].get("size")
-        out[i] = tuple(size) if size else folder.mask(i).shape
-    return out
