@@ -18,9 +18,7 @@ Marks go to OUT_DIR/review.json atomically (wsclip.serve.folder); the exports ho
 `wsclip serve --review OUT_DIR` mounts the same app under /review.
 """
 
-from __future__ import annotations
-
-import json
+import json  # no `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime
 from pathlib import Path
 
 from wsclip.errors import WsclipError, require
