@@ -86,7 +86,8 @@ async function show() {
   const ign = document.createElement("div");
   ign.innerHTML = `<span class="swatch" style="background:${state.meta.ignore_colour}"></span><span>ignore (255)</span>`;
   legend.appendChild(ign);
-  const rows = [["score", d.quality.score], ["dropped (CGL)", d.quality.dropped], ["CRF changed", d.quality.crf_changed],
+  const rows = [["score", d.quality.score], ["dropped (CGL)", d.quality.dropped], ["coverage", d.quality.coverage],
+                ["CRF changed", d.quality.crf_changed],
                 ["CAM blur", d.quality.blur], ["degenerate classes", d.quality.degenerate]];
   if (d.quality.miou !== undefined) rows.push(["mIoU vs ground truth", d.quality.miou]);
   $("quality").innerHTML = rows.map(([k, v], n) => `<tr class="${n === 0 ? "score" : ""}"><td>${k}</td><td>${fmt(v)}</td></tr>`).join("");
@@ -129,7 +130,7 @@ function move(step) {
 function refilter() {
   const cur = state.shown[state.pos];
   state.shown = order();
-  state.pos = Math.max(0, cur ? state.shown.indexOf(cur) : 0);
+  state.pos = Math.max(0, cur ? state.shown.indexOf(cur) : 0);  // keep the image shown when it still is
   show();
 }
 
@@ -151,7 +152,7 @@ async function start() {
       sel.appendChild(o);
     });
     state.images = (await get("images")).images;
-    for (const id of ["sort", "class-filter", "mark-filter"]) $(id).onchange = () => { state.pos = 0; refilter(); $(id).blur(); };
+    for (const id of ["sort", "class-filter", "mark-filter"]) $(id).onchange = () => { refilter(); $(id).blur(); };
     $("accept").onclick = () => mark("accepted");
     $("reject").onclick = () => mark("rejected");
     $("clear").onclick = () => mark(null);
