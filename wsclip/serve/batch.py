@@ -81,6 +81,18 @@ class ImageSource:
             return read_image(self.paths[i])
         return np.ascontiguousarray(np.asarray(self.dataset.load_image(i), dtype=np.uint8))
 
+    def index_of(self, image_id: str) -> int | None:
+        """Position of an id in the inputs (None when absent)."""
+        if getattr(self, "_index", None) is None:
+            self._index = {i: n for n, i in enumerate(self.ids)}
+        return self._index.get(image_id)
+
+    def file_of(self, image_id: str) -> str | None:
+        """The absolute path of an image's file (None for images without one): what manifests record."""
+        n = self.index_of(image_id)
+        p = self.path(n) if n is not None else None
+        return str(Path(p).resolve()) if p is not None else None
+
     def path(self, i: int) -> Path | None:
         if self.paths is not None:
             return self.paths[i]
@@ -247,6 +259,11 @@ def _head(src: ImageSource, n: int) -> ImageSource:
         def label_vector(self, i, mask=None):
             return self.dataset.label_vector(self.indices[i])
 
+        @property
+        def _images(self):  # the files of the kept images, as ImageSource.path reads them
+            files = getattr(self.dataset, "_images", None) or getattr(self.dataset, "_files", None)
+            return [files[j] for j in self.indices] if files is not None else None
+
     return ImageSource(ids=src.ids[:n], dataset=_Head(src.dataset, range(n)), dataset_labels=src.dataset_labels,
                        labels=src.labels, classes=src.classes)
 
@@ -327,8 +344,11 @@ def windows(n: int, size: int) -> list[range]:
     return [range(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions) -> dict:
-    """Refine (CRF) and write one image's outputs atomically; returns its manifest record."""
+def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions, path: str | None = None) -> dict:
+    """Refine (CRF) and write one image's outputs atomically; returns its manifest record.
+
+    `path`: the image's file, recorded for `wsclip review` and the mask exports.
+    """
     from wsclip.io import atomic_write_bytes, encode_mask_png
     from wsclip.serve.labelers import mask_annotations, refine_result
 
@@ -361,6 +381,8 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
     files.insert(0, f"{image_id}.png")
     rec = {"id": image_id, "status": "ok", "size": [int(mask.shape[0]), int(mask.shape[1])],
            "labels": [int(k) for k in result.keys], "predicted": bool(result.predicted), "files": files}
+    if path is not None:
+        rec["image"] = path
     if opts.rle:
         rec["annotations"] = mask_annotations(mask, opts.classes)
     if opts.quality:
@@ -611,7 +633,6 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
         raise MissingFileError(f"ground-truth folder not found: {run.gt} (give a folder of <id>.png masks)")
     gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
-    source_index = {source.ids[i]: i for i in order}
     loader = torch.utils.data.DataLoader(
         _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
         collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
@@ -620,7 +641,6 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     pending: deque[tuple[str, Future | dict]] = deque()
     counts = {"labelled": 0, "errors": 0}
     failure: list[str] = []
-    paths: dict[str, str] = {}
     bar = progress(total=todo, desc="label", unit="img")
     t0 = time.perf_counter()
 
@@ -633,8 +653,6 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
                 rec = fut.result() if isinstance(fut, Future) else fut
             except Exception as exc:  # noqa: BLE001 - a failed refinement/encoding fails this image only
                 rec = error_record(image_id, f"{type(exc).__name__}: {exc}")
-            if rec.get("status") == "ok" and image_id in paths:
-                rec["image"] = paths.pop(image_id)  # where the review page and the exports find the photo
             recs.append(rec)
         manifest.append(recs)
         for rec in recs:
@@ -662,16 +680,15 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
             for image_id, image, result in labelled:
                 if image_id in done:
                     continue
-                if (p := source.path(source_index[image_id])) is not None:
-                    paths[image_id] = str(Path(p).resolve())
                 image = host_image(image) if opts.crf or opts.overlays else None  # only these need the pixels
                 if pool is None:
                     try:
-                        pending.append((image_id, finish_image(image_id, image, result, opts)))
+                        pending.append((image_id, finish_image(image_id, image, result, opts, source.file_of(image_id))))
                     except (WsclipError, OSError) as exc:
                         pending.append((image_id, error_record(image_id, str(exc))))
                 else:
-                    pending.append((image_id, pool.submit(finish_image, image_id, image, result, opts)))
+                    pending.append((image_id, pool.submit(finish_image, image_id, image, result, opts,
+                                                          source.file_of(image_id))))
             settle(keep=limit)
             if failure and run.on_error == "fail":
                 break

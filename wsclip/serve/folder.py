@@ -115,17 +115,15 @@ class LabeledFolder:
         if rec.get("image") and Path(rec["image"]).is_file():
             return Path(rec["image"])
         src = self.source()
-        if src is not None and image_id in src.index:
-            return src.path(src.index[image_id])
-        return None
+        p = src.file_of(image_id) if src is not None else None
+        return Path(p) if p is not None else None
 
     def source(self):
-        """The --images source (None when not given), with an id -> index map as `.index`."""
+        """The --images source (an ImageSource; None when not given)."""
         if self._source is None and self._images_spec is not None:
             from wsclip.serve.batch import open_source
 
             self._source = open_source(self._images_spec, self._split)
-            self._source.index = {i: n for n, i in enumerate(self._source.ids)}
         return self._source
 
     def image(self, image_id: str) -> np.ndarray:
@@ -136,8 +134,8 @@ class LabeledFolder:
         if p is not None:
             return read_image(p)
         src = self.source()
-        if src is not None and image_id in src.index:
-            return src.load(src.index[image_id])
+        if src is not None and src.index_of(image_id) is not None:
+            return src.load(src.index_of(image_id))
         raise MissingFileError(f"no photo known for '{image_id}': pass the images the folder was labelled from "
                                "(--images, as given to `wsclip label`)")
 
