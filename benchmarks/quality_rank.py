@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "quality_rank.json")
     args = ap.parse_args(argv)
     if args.tiny:
-        args.train, args.val, args.cam_steps = 24, 20, 2
+        args.train, args.val, args.cam_steps = 16, 10, 2
     sys.path.insert(0, str(ROOT))
     import torch
 

@@ -116,3 +116,24 @@ def test_pseudo_writes_quality_json_and_resumes_it(tmp_path):
     (out / "im1.png").unlink()
     make_pseudo_masks(cams, out, cfg=PseudoConfig(confidence=0.7, workers=0))  # resumes: only im1 again
     assert sorted(json.loads((out / QUALITY_FILE).read_text())) == ["im0", "im1", "im2"]
+
+
+def test_quality_rank_benchmark_runs_tiny(tmp_path):
+    """benchmarks/quality_rank.py end to end on toy sizes: its JSON has both runs and every field (figures mean nothing)."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("quality_rank", root / "benchmarks" / "quality_rank.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "q.json"
+    assert mod.main(["--tiny", "--work", str(tmp_path / "work"), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["tiny"] and res["labelled"] == 10
+    for run in ("label", "pseudo"):
+        assert res[run]["score"]["n"] == 10 and res[run]["score"]["decile"] == 1
+        assert 0.0 <= res[run]["score"]["worst_decile_found"] <= 1.0
+        assert set(res[run]) >= {"signal_coverage", "signal_crf_changed", "signal_blur", "signal_degenerate"}
+    recs = [json.loads(ln) for ln in (tmp_path / "work" / "label" / "manifest.jsonl").read_text().splitlines()]
+    assert all(r["quality"]["miou"] is not None and r["quality"]["crf_changed"] is not None for r in recs)
