@@ -237,3 +237,26 @@ def _classes_file(tmp_path):
     p = tmp_path / "classes.txt"
     p.write_text("\n".join(CLASSES) + "\n")
     return p
+
+
+def test_a_pseudo_folder_with_images_given_exports_and_lists(tmp_path):
+    """`wsclip pseudo` output (masks + quality.json, no manifest): photos from --images, classes from --classes."""
+    rng = np.random.default_rng(5)
+    root, photos = tmp_path / "pseudo", tmp_path / "photos"
+    photos.mkdir()
+    quality = {}
+    for n in range(3):
+        m = _random_mask(rng, 21, 34)
+        write_mask(root / f"p{n}.png", m)
+        Image.fromarray(rng.integers(0, 255, (21, 34, 3), dtype=np.uint8)).save(photos / f"p{n}.png")
+        quality[f"p{n}"] = {"score": 0.5 - 0.1 * n}
+    atomic_write_json(root / "quality.json", quality)
+    with pytest.raises(WsclipError, match="--classes"):
+        LabeledFolder(root).classes
+    lf = LabeledFolder(root, images=str(photos), classes=_classes_file(tmp_path))
+    assert [r["id"] for r in lf.worst()] == ["p2", "p1", "p0"]
+    assert lf.image("p1").shape == (21, 34, 3)
+    export_masks(lf, tmp_path / "fo", "fiftyone")
+    assert sorted(p.name for p in (tmp_path / "fo" / "data").iterdir()) == ["p0.png", "p1.png", "p2.png"]
+    with pytest.raises(WsclipError, match="--images"):
+        export_masks(LabeledFolder(root, classes=list(CLASSES)), tmp_path / "fo2", "fiftyone")

@@ -133,3 +133,14 @@ def check_screenshot(path) -> None:
     assert px.std() > 20, f"screenshot looks blank (pixel std {px.std():.1f})"
     colours = np.unique(px.reshape(-1, 3), axis=0)
     assert len(colours) > 200, f"only {len(colours)} colours in the screenshot"
+
+
+def test_make_test_installs_the_browser_first():
+    """`make test` depends on the target that installs Chromium where it is missing (so CI runs the test above)."""
+    from pathlib import Path
+
+    make = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    test_line = next(ln for ln in make.splitlines() if ln.startswith("test:"))
+    assert "browser" in test_line.split(":", 1)[1].split()
+    recipe = make.split("\nbrowser:", 1)[1].split("\n\n", 1)[0]
+    assert "apt-get install" in recipe and "chromium-driver" in recipe and "command -v chromedriver" in recipe

@@ -6,8 +6,9 @@ quality.json). The review marks live in `review.json` beside them:
 
     {"version": 1, "marks": {"<id>": {"status": "accepted" | "rejected", "time": "<UTC ISO time>"}}}
 
-written atomically (temporary file, then rename) under a lock, so a crash never leaves half a file
-and two browser tabs never lose each other's marks. Exports leave out rejected images.
+written atomically (temporary file, then rename) under a lock (a thread lock and an flock on
+.review.lock, so two tabs or two `wsclip review` processes never lose each other's marks), and a
+crash never leaves half a file. Exports leave out rejected images.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class LabeledFolder:
         self._classes_file = self.root / CLASSES_FILE
         self._images_spec, self._split = images, split
         self._source = None
+        self._iou: dict[str, dict] = {}  # per-image IoU against --gt (masks do not change while reviewed)
 
     def _pseudo_records(self) -> dict[str, dict]:
         from wsclip.label.pseudo import QUALITY_FILE
@@ -159,11 +161,13 @@ class LabeledFolder:
     def quality(self, image_id: str) -> dict:
         """The record's quality entry, with the per-class IoU against --gt added when given."""
         q = dict(self.records[self._known(image_id)].get("quality") or {})
-        gt = self.ground_truth(image_id)
-        if gt is not None:
-            from wsclip.label.quality import image_iou
+        if self.gt is not None:
+            if image_id not in self._iou:
+                from wsclip.label.quality import image_iou
 
-            q.update(image_iou(self.mask(image_id), gt, len(self.classes) + 1))
+                gt = self.ground_truth(image_id)
+                self._iou[image_id] = image_iou(self.mask(image_id), gt, len(self.classes) + 1) if gt is not None else {}
+            q.update(self._iou[image_id])
         return q
 
     # ------------------------------------------------------------------ review marks
@@ -177,7 +181,10 @@ class LabeledFolder:
         self._known(image_id)
         if status is not None and status not in STATUSES:
             raise WsclipError(f"a mark is one of {', '.join(STATUSES)}, got '{status}'")
-        with _LOCK:
+        import fcntl
+
+        with _LOCK, open(self.root / ".review.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             path = self.root / MARKS_FILE
             data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"version": 1, "marks": {}}
             read_marks(self.root)  # refuse a corrupt file rather than overwrite it
