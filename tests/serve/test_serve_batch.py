@@ -47,6 +47,10 @@ def test_voc14_outputs_are_the_labelers_masks(voc_reference, voc14, cam_ckpt):
     src = open_source(f"voc:{voc14}", "val", classes=lab.classes)
     ann = json.loads((out / "annotations.json").read_text())
     by_name = {im["file_name"]: im["id"] for im in ann["images"]}
+    by_quality = {im["file_name"]: im["wsclip_quality"] for im in ann["images"]}
+    records = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    from wsclip.label.quality import assess
+
     wins = windows(len(src), 4)
     for w in (wins[0], wins[-1]):
         images = [src.load(i) for i in w]
@@ -65,6 +69,13 @@ def test_voc14_outputs_are_the_labelers_masks(voc_reference, voc14, cam_ckpt):
                 if a["image_id"] == by_name[image_id]:
                     decoded[rle_decode(a["segmentation"])] = a["category_id"]
             assert np.array_equal(decoded, np.where(mask == 255, 0, mask))
+            # the record's quality score is the one the labeler's own maps give (wsclip.label.quality)
+            rec = records[image_id]
+            q = assess(mask, r.keys, r.cams)
+            assert rec["quality"]["score"] == pytest.approx(q["score"], abs=2e-3)
+            assert rec["quality"]["coverage"] == q["coverage"] and rec["quality"]["area"] == q["area"]
+            assert rec["image"] == str((voc14 / "JPEGImages" / f"{image_id}.jpg").resolve())
+            assert by_quality[image_id] == rec["quality"]["score"]
     # a second run has nothing to do and rewrites nothing
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert main(_label_argv(f"voc:{voc14}", cam_ckpt, out, *VOC_ARGS, "--cams", "--overlays", "--workers", "0")) == 0

@@ -8,7 +8,8 @@ device. Outputs, under --out:
     <id>.png                palette mask (0 background, k class k, 255 ignore)
     cams/<id>.npz           with --cams: keys, cam (stride 4), high_res (the `wsclip cam` format)
     overlays/<id>.png       with --overlays
-    annotations.json        with --rle: COCO-style RLE annotations of every labelled image
+    annotations.json        with --rle: COCO-style RLE annotations of every labelled image (each
+                            image entry with its quality score, "wsclip_quality")
     manifest.jsonl          one line per finished (or failed) image; what a re-run skips; each line
                             carries the image's quality score and its signals (wsclip.label.quality),
                             and with --gt DIR its per-class IoU
@@ -577,7 +578,8 @@ def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: 
             rec = manifest.records.get(image_id)
             if not rec or rec.get("status") != "ok":
                 continue
-            images.append({"id": n + 1, "file_name": image_id, "height": rec["size"][0], "width": rec["size"][1]})
+            images.append({"id": n + 1, "file_name": image_id, "height": rec["size"][0], "width": rec["size"][1],
+                           **({"wsclip_quality": rec["quality"]["score"]} if rec.get("quality") else {})})
             for a in rec.get("annotations", []):
                 anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": a["category_id"],
                              "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"], "iscrowd": 0})
