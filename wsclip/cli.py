@@ -401,7 +401,8 @@ def _run_segment(args):
     print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {res['total']} images)")
 
 # ============================================================================ export onnx / check / trt
-_EXPORT_HELP = "export models for deployment: ONNX, TensorRT engines, parity checks (see `wsclip export <what> --help`)"
+_EXPORT_HELP = ("export models for deployment (ONNX, TensorRT engines, parity checks) and labelled masks (COCO, "
+                "Label Studio, CVAT, FiftyOne); see `wsclip export <what> --help`")
 
 
 def _add_export_onnx(sub):
@@ -707,7 +708,7 @@ def _run_review(args):
 def _add_export_masks(sub):
     from wsclip.export.masks import FORMATS
 
-    g = _group(sub, "export", "export models or masks (see `wsclip export <what> --help`)")
+    g = _group(sub, "export", _EXPORT_HELP)
     p = g.add_parser("masks", help="a labelled folder as COCO RLE JSON, Label Studio tasks, a CVAT mask zip or a "
                                    "FiftyOne COCO dataset; images rejected in `wsclip review` are left out")
     _folder_args(p)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import cached_property
 from pathlib import Path
 import numpy as np
 
@@ -90,7 +91,7 @@ class LabeledFolder:
         return out
 
     # ------------------------------------------------------------------ classes and files
-    @property
+    @cached_property
     def classes(self) -> tuple[str, ...]:
         """Class names (mask value k + 1 is classes[k])."""
         from wsclip.data.base import resolve_classes
