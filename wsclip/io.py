@@ -19,9 +19,27 @@ PathLike = str | os.PathLike
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _read_umask() -> int:
+    """The process umask (read once at import: os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def file_mode() -> int:
+    """Mode of every file wsclip writes: what open() would give (0o644 under umask 022), not mkstemp's 0o600."""
+    return 0o666 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto `path` only on success."""
+    """Yield a temporary path in the target's folder; rename it onto `path` only on success.
+
+    The file gets the umask's mode (file_mode()) before the rename, whatever wrote it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
@@ -29,6 +47,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, file_mode())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -53,39 +72,93 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- images and masks
-def read_image(path: PathLike) -> np.ndarray:
-    """Read an image file as RGB uint8 (H, W, 3); a missing or corrupt file is a clear error."""
-    from PIL import Image, UnidentifiedImageError
+#: largest image (width x height) any reader decodes; the header is checked before decoding
+MAX_IMAGE_PIXELS = 100_000_000
 
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"image not found: {path}")
+
+def open_image(src, max_pixels: int | None = None) -> np.ndarray:
+    """THE image decoder every reader uses: a path or bytes -> RGB uint8 (H, W, 3).
+
+    Checks the pixel count of the header before decoding (ImageTooLargeError above `max_pixels`,
+    default MAX_IMAGE_PIXELS); applies the EXIF orientation; converts every mode to RGB: alpha
+    (RGBA, LA, palette transparency) is dropped, CMYK and greyscale converted, 16-bit scaled to 8
+    bits. A missing file is a MissingFileError; a folder, an empty, truncated or unreadable file a
+    BadFileError naming it. The format comes from the content, not the file name.
+    """
+    import warnings
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from wsclip.errors import ImageTooLargeError
+
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        name, fp = "image data", io.BytesIO(bytes(src))
+        if not len(src):
+            raise BadFileError("empty image data (0 bytes)")
+    else:
+        path = Path(src)
+        name, fp = str(path), path
+        if path.is_dir():
+            raise BadFileError(f"{path} is a folder, not an image file")
+        if not path.is_file():
+            raise MissingFileError(f"image not found: {path}")
+        if path.stat().st_size == 0:
+            raise BadFileError(f"{path} is an empty file (0 bytes): re-export or remove it")
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadFileError(f"cannot decode image {path}: {exc}. Re-export or remove the file.") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, above the limit of {limit}")
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: {exc}") from None
+    except BadFileError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadFileError(f"cannot decode {name}: {exc}. Re-export or remove the file.") from None
+
+
+def _to_rgb(im) -> np.ndarray:
+    """RGB uint8 of a decoded PIL image of any mode (alpha dropped, 16-bit scaled down)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im).astype(np.float64)
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)  # 16-bit range onto 8 bits
+        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
+    if im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
+        a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a[..., None], 3, axis=2))
+    return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+
+
+def plain_jpeg(data: bytes, max_pixels: int | None = None) -> bool:
+    """True when `data` is a JPEG a GPU decoder can take as is: RGB or greyscale, within the pixel
+    limit, no EXIF rotation. Anything else goes through open_image (header read only here)."""
+    from PIL import Image
+
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else int(max_pixels)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            orientation = im.getexif().get(0x0112, 1)
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and im.width * im.height <= limit
+                    and orientation in (0, 1))
+    except Exception:  # noqa: BLE001 - anything odd: let open_image decide and explain
+        return False
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8 (H, W, 3) with open_image's checks; a bad file is a clear error."""
+    return open_image(Path(path))
 
 
 def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
-    """Decode image bytes as RGB uint8; refuses truncated data and images above max_pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadFileError("empty image data")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise BadFileError(
-                    f"image is {im.width}x{im.height} = {im.width * im.height} pixels, above the limit of {max_pixels}"
-                )
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except BadFileError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadFileError(f"cannot decode image: {exc}") from exc
+    """Decode image bytes as RGB uint8 with open_image's checks (ImageTooLargeError above max_pixels)."""
+    return open_image(data, max_pixels)
 
 
 def read_mask(path: PathLike) -> np.ndarray:

@@ -41,8 +41,8 @@ class FolderDataset(LabeledImageDataset):
     """Images of a folder with labels from `labels` (default: labels.json / labels.csv in it).
 
     `classes`: names, 'voc'/'coco', or a text file (default: classes.txt, else the names used
-    in the labels file, sorted). `masks`: an optional folder of <id>.png masks. `split`: an
-    optional list file restricting the ids.
+    in the labels file, sorted). `masks`: an optional folder of <id>.png masks (False or None:
+    none). `split`: an optional list file restricting the ids (None: every image).
     """
 
     def __init__(
@@ -116,7 +116,9 @@ class FolderDataset(LabeledImageDataset):
         self._files = [files[n] for n in order]
         self._labels = [vectors[n] for n in order]
 
-        self.mask_dir = Path(masks) if masks is not None else None
+        if masks is True:
+            raise DatasetLayoutError(f"{self.root} is a folder dataset: it has masks only when given a mask folder")
+        self.mask_dir = Path(masks) if masks not in (None, False) else None
         if self.mask_dir is not None:
             if not self.mask_dir.is_dir():
                 raise MissingFileError(f"mask folder not found: {self.mask_dir}")

@@ -375,7 +375,10 @@ def load_item(source: ImageSource, i: int, raw_jpeg: bool = False) -> tuple:
     image_id = source.ids[i]
     try:
         if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
-            image = p.read_bytes()
+            from wsclip.io import open_image, plain_jpeg
+
+            image = p.read_bytes()  # for the GPU decoder, unless it needs open_image (CMYK, EXIF, huge, broken)
+            image = image if plain_jpeg(image) else open_image(p)
         else:
             image = source.load(i)
         return i, image_id, image, source.label(i), None

@@ -27,7 +27,6 @@ stops accepting, marks the server not ready, finishes in-flight requests, then e
 import asyncio
 import base64
 import hmac
-import io
 import json
 import logging
 import socket
@@ -80,29 +79,19 @@ class ApiError(Exception):
 
 # ============================================================================ image decoding
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of uploaded bytes: ApiError 400 (not an image, truncated, empty) or 413 (too many pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from wsclip.errors import BadFileError
-    from wsclip.io import decode_image_bytes
+    """RGB uint8 (H, W, 3) of uploaded bytes (wsclip.io.open_image): ApiError 413 when the header declares
+    more than max_pixels (checked before decoding), 400 for anything else that is not a decodable image."""
+    from wsclip.errors import BadFileError, ImageTooLargeError
+    from wsclip.io import open_image
 
     if not data:
         raise ApiError(400, "empty request body: send the image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Image.DecompressionBombError as exc:
-        raise ApiError(413, f"image dimensions too large ({exc})") from None
-    except UnidentifiedImageError:
-        raise ApiError(400, "not an image format the server can decode (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ApiError(400, f"not a decodable image: {exc}") from None
-    if w * h > max_pixels:
-        raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
-    try:
-        return decode_image_bytes(data, max_pixels=max_pixels)
+        return open_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, str(exc)) from None
     except BadFileError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(400, f"{exc} (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
 
 
 def parse_labels(text, classes: Sequence[str]) -> np.ndarray | None:
