@@ -299,7 +299,8 @@ def _run_cam(args):
             raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
         res = make_cams(args.checkpoint, args.data, args.out, split=args.split, scales=scales,
                         device=args.device, num_workers=args.workers, amp=args.amp)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     if args.method == "clip-es":
         from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams

@@ -71,6 +71,27 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# ----------------------------------------------------------------------------- per-item errors
+ERRORS_FILE = "errors.json"
+
+
+def write_errors(out_dir: PathLike, errors) -> Path:
+    """<out_dir>/errors.json: [{"id", "error"}] of the images a job skipped ((id, message) pairs or a dict)."""
+    items = errors.items() if isinstance(errors, dict) else errors
+    path = Path(out_dir) / ERRORS_FILE
+    atomic_write_json(path, [{"id": str(i), "error": str(m)} for i, m in items])
+    return path
+
+
+def read_errors(out_dir: PathLike) -> dict[str, str]:
+    """{id: message} of an errors.json written by write_errors ({} when there is none or it is unreadable)."""
+    path = Path(out_dir) / ERRORS_FILE
+    try:
+        return {str(e["id"]): str(e.get("error", "")) for e in json.loads(path.read_text())}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
 # ----------------------------------------------------------------------------- images and masks
 #: largest image (width x height) any reader decodes; the header is checked before decoding
 MAX_IMAGE_PIXELS = 100_000_000

@@ -122,18 +122,27 @@ def _folder_split_file(root: Path, split) -> Path | None:
                            "one per line; leave it out to use every image)")
 
 
-def open_images(spec, split: str | None = None, masks: bool = False):
+def open_images(spec, split: str | None = None, masks: bool = False, classes=None):
     """`open_dataset` for its images (and, with masks=True, the dataset's own masks) whatever its layout.
 
     VOC and COCO skip their masks unless asked; a folder dataset has masks only when given a
-    mask folder, so `masks=True` there is a clear error.
+    mask folder, so `masks=True` there is a clear error. `classes` (a model's class names): a
+    folder dataset's labels are read by name onto these classes (only names outside them are an
+    error); other layouts keep their own classes.
     """
     spec = str(spec)
-    scheme = spec.partition(":")[0].lower() if ":" in spec else None
-    layout = scheme if scheme in ("voc", "coco", "folder", "synth") else detect_layout(Path(spec).expanduser())
+    layout = layout_of(spec)
     if layout in ("voc", "coco"):
         return open_dataset(spec, split=split, masks=bool(masks))
-    ds = open_dataset(spec, split=split)
+    kw = {"classes": tuple(classes)} if layout == "folder" and classes is not None else {}
+    ds = open_dataset(spec, split=split, **kw)
     if masks and not getattr(ds, "with_masks", False):
         raise DatasetLayoutError(f"{spec} has no ground-truth masks (a folder dataset needs masks=<mask folder>)")
     return ds
+
+
+def layout_of(spec) -> str:
+    """'voc', 'coco', 'folder' or 'synth' of a dataset spec (its scheme, else detected from the folder)."""
+    spec = str(spec)
+    scheme = spec.partition(":")[0].lower() if ":" in spec else None
+    return scheme if scheme in SCHEMES else detect_layout(Path(spec).expanduser())
