@@ -399,7 +399,8 @@ def _run_segment(args):
     res = segment(args.checkpoint, args.images, args.out, split=args.split, scales=parse_scales(args.scales),
                   flip=not args.no_flip, crf=args.crf, crf_workers=args.crf_workers, device=args.device,
                   num_workers=args.workers, amp=args.amp)
-    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {res['total']} images)")
+    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {len(res['failed'])} skipped "
+          f"into errors.json, {res['total']} images)")
 
 # ============================================================================ export onnx / check / trt
 _EXPORT_HELP = "export models for deployment: ONNX, TensorRT engines, parity checks (see `wsclip export <what> --help`)"

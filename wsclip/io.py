@@ -261,6 +261,77 @@ def save_checkpoint(path: PathLike, tensors: dict, meta: dict) -> None:
     atomic_write_json(sidecar_path(path), meta)
 
 
+_KIND_NAMES = {"camnet": "a CAM network checkpoint", "seg": "a segmentation network checkpoint",
+               "irn": "an IRN boundary network checkpoint", "clip": "a CLIP checkpoint",
+               "wsclip-artefact": "an exported model (ONNX or TensorRT)"}
+
+
+def describe_file(path: PathLike) -> str:
+    """What a file given as a model is, in words ('a text file', 'a torchvision ResNet state dict', ...),
+    from its wsclip sidecar or, without one, its first bytes; for error messages."""
+    path = Path(path)
+    if path.is_dir():
+        return "a folder"
+    if not path.is_file():
+        return "missing"
+    side = sidecar_path(path)
+    if side.is_file() and side != path:
+        try:
+            kind = json.loads(side.read_text()).get("kind")
+        except (ValueError, OSError, AttributeError):
+            kind = None
+        if kind is not None:
+            return _KIND_NAMES.get(kind, f"a wsclip file of kind '{kind}'")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return _describe_torch_file(path)
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27:
+        return f"a safetensors file without its wsclip sidecar {side.name} (which says what network it holds)"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "a binary file of unknown format"
+
+
+def _describe_torch_file(path: Path) -> str:
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything torch.load cannot read safely
+        return "a PyTorch file (torch.save) that cannot be read safely"
+    if isinstance(obj, dict) and {"optimizer", "step"} <= set(obj):
+        return "a training state (optimizer and step, no network weights: checkpoints/step-*/state.pt)"
+    if isinstance(obj, dict) and "fc.weight" in obj and "layer4.0.conv1.weight" in obj:
+        return "a torchvision ResNet state dict (ImageNet weights: `wsclip train cam --pretrained` takes it)"
+    return "a PyTorch file (torch.save) without a wsclip sidecar"
+
+
+def load_weights(module, tensors: dict, path: PathLike, what: str) -> None:
+    """module.load_state_dict(tensors, strict=True), or a CheckpointError that says what differs."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in tensors]
+    unexpected = [k for k in tensors if k not in own]
+    shapes = [(k, tuple(tensors[k].shape), tuple(own[k].shape)) for k in own
+              if k in tensors and tuple(tensors[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"{len(shapes)} weights of another shape (e.g. {k}: {got} in the file, {want} expected)")
+    if missing:
+        parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weights (e.g. {unexpected[0]})")
+    if parts:
+        raise CheckpointError(f"{path} does not hold the weights of {what}: {'; '.join(parts)}. It was saved for "
+                              "another architecture or class count: pass the checkpoint trained for this network")
+    module.load_state_dict(tensors, strict=True)
+
+
 def load_checkpoint(path: PathLike, expect_kind: str | None = None) -> tuple[dict, dict]:
     """Load (tensors, meta) saved by save_checkpoint; checks the sidecar's `kind` when given."""
     from safetensors import SafetensorError
@@ -271,15 +342,14 @@ def load_checkpoint(path: PathLike, expect_kind: str | None = None) -> tuple[dic
         raise MissingFileError(f"checkpoint not found: {path}")
     side = sidecar_path(path)
     if not side.is_file():
-        raise CheckpointError(f"{path}: its JSON sidecar {side.name} is missing; it holds the architecture and classes")
+        raise CheckpointError(f"{path} is {describe_file(path)}, not a wsclip checkpoint: a checkpoint is a .safetensors "
+                              f"file with its JSON sidecar {side.name} (architecture and classes) beside it")
     try:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{side} is not valid JSON: {exc}") from exc
     if expect_kind is not None and meta.get("kind") != expect_kind:
-        raise CheckpointError(
-            f"{path} is a '{meta.get('kind')}' checkpoint, expected '{expect_kind}'"
-        )
+        raise CheckpointError(f"{path} is {describe_file(path)}, expected {_KIND_NAMES.get(expect_kind, expect_kind)}")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
