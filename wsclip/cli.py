@@ -627,6 +627,7 @@ def _add_serve(sub):
     p.add_argument("--max-pixels", type=int, default=36_000_000, help="largest image (width x height)")
     p.add_argument("--max-batch-items", type=int, default=32, help="images per /v1/label/batch request")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its result")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request body (then 408)")
     p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
@@ -648,7 +649,8 @@ def _run_serve(args):
     cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                       max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
-                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout, token=token)
+                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout,
+                      read_timeout_s=args.read_timeout, token=token)
     lab = _labeler_config(args)
     return serve(lab.replace(batch_size=max(lab.batch_size, args.max_batch_size)), cfg, log_level=args.log_level)
 
