@@ -135,8 +135,12 @@ def open_image(src, max_pixels: int | None = None) -> np.ndarray:
                     raise ImageTooLargeError(f"{name} is {w}x{h} = {w * h} pixels, above the limit of {limit}")
                 im.load()
                 return _to_rgb(ImageOps.exif_transpose(im))
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: {exc}") from None
+    except Image.DecompressionBombError as exc:  # PIL's own guard fired at open, far above `limit`
+        import re
+
+        n = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageTooLargeError(f"{name} declares {n.group(1) if n else 'too many'} pixels, above the limit "
+                                 f"of {limit}") from None
     except BadFileError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
