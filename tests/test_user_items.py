@@ -84,11 +84,14 @@ def test_checkpoint_errors_say_what_the_file_is(tmp_path, capsys):
 
 
 def test_atomic_outputs_honour_the_umask(tmp_path):
-    from wsclip.io import atomic_write_bytes, file_mode, save_checkpoint, write_mask
+    import os
 
+    from wsclip.io import atomic_write_bytes, save_checkpoint, write_mask
+
+    umask = os.umask(0o022)
+    os.umask(umask)
     atomic_write_bytes(tmp_path / "a.bin", b"x")
     write_mask(tmp_path / "m.png", np.zeros((2, 2), np.uint8))
     save_checkpoint(tmp_path / "c.safetensors", {"w": torch.zeros(2)}, {"kind": "test"})
-    assert file_mode() & 0o044  # the test runs under a umask that lets others read (022 in CI)
-    for name in ("a.bin", "m.png", "c.safetensors", "c.json"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == file_mode(), name
+    for name in ("a.bin", "m.png", "c.safetensors", "c.json"):  # 0o644 under umask 022, not mkstemp's 0o600
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -105,6 +105,13 @@ def make_zoo(folder: Path, voc14: Path) -> Path:
     return folder
 
 
+def read_errors(out: Path) -> dict[str, str]:
+    """{id: reason} of a job's <out>/errors.json (a list of {"id", "error"})."""
+    import json
+
+    return {e["id"]: e["error"] for e in json.loads((Path(out) / "errors.json").read_text())}
+
+
 def zoo_id(name: str) -> str:
     """The output id of a zoo file (its name without the extension)."""
     return Path(name).stem

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from zoo import check_outputs
+from zoo import check_outputs, read_errors
 
 from wsclip.cli import main
-from wsclip.io import read_errors, read_mask
+from wsclip.io import read_mask
 
 CPU = ["--device", "cpu"]
 
