@@ -312,7 +312,8 @@ def _run_cam(args):
                            box_compat=args.box_compat, backend=args.backend)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     raise WsclipError(f"--method {args.method} is not available in this build")
 

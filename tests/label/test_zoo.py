@@ -68,3 +68,20 @@ def test_segment_skips_bad_images(bad_image_zoo, tmp_path):
     written = _written(out)
     check_outputs(out, written, read_errors(out), {i: read_mask(out / f"{i}.png").shape for i in written})
     assert np.isin(read_mask(out / "one_pixel.png"), [0, 1, 2, 3]).all()
+
+
+def test_clip_es_cam_skips_bad_images(bad_image_zoo, tmp_path):
+    import open_clip
+
+    from wsclip.label.clims_cam import read_cam_file
+    from wsclip.models.clip import save_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    torch.manual_seed(0)
+    save_clip(tmp_path / "clip.safetensors", open_clip.CLIP(**cfg), cfg, name="tiny-test")
+    out = tmp_path / "es"
+    assert main(["cam", "--method", "clip-es", "--clip", str(tmp_path / "clip.safetensors"), "--data",
+                 f"folder:{bad_image_zoo}", "--out", str(out), "--workers", "0", "--batch-size", "2", *CPU]) == 0
+    shapes = {p.stem: read_cam_file(p)["high_res"].shape[1:] for p in out.glob("*.npz")}
+    check_outputs(out, _written(out, ".npz"), read_errors(out), shapes)
