@@ -85,3 +85,14 @@ def test_clip_es_cam_skips_bad_images(bad_image_zoo, tmp_path):
                  f"folder:{bad_image_zoo}", "--out", str(out), "--workers", "0", "--batch-size", "2", *CPU]) == 0
     shapes = {p.stem: read_cam_file(p)["high_res"].shape[1:] for p in out.glob("*.npz")}
     check_outputs(out, _written(out, ".npz"), read_errors(out), shapes)
+
+
+def test_only_plain_jpegs_go_to_the_gpu_decoder(bad_image_zoo):
+    """`wsclip label --decode gpu` (nvJPEG, which ignores EXIF and CMYK) gets a file's bytes only when
+    they are a plain JPEG; everything else is decoded by open_image on the CPU (checked here, no GPU)."""
+    from wsclip.io import plain_jpeg
+
+    plain = {n for n in ("good1.jpg", "grey.jpg", "cmyk.jpg", "exif_rotated.jpg", "png_named.jpg", "huge_jpeg.jpg",
+                         "truncated.jpg") if plain_jpeg((bad_image_zoo / n).read_bytes())}
+    assert {"good1.jpg", "grey.jpg"} <= plain and not plain & {"cmyk.jpg", "exif_rotated.jpg", "png_named.jpg",
+                                                              "huge_jpeg.jpg"}
