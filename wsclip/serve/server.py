@@ -160,7 +160,7 @@ class Metrics:
         g.set_function(lambda: svc.batcher.depth if svc.batcher is not None else 0)
         g = Gauge("wsclip_images_per_second", "images labelled per second over the last 10 s", registry=r)
         g.set_function(svc.images_per_second)
-        g = Gauge("wsclip_ready", "1 when the model is loaded, warmed up and not draining", registry=r)
+        g = Gauge("wsclip_ready", "1 when the model is loaded, warmed up, not draining and not busy", registry=r)
         g.set_function(lambda: float(svc.ready and svc.busy is None))
         self.gpu = Gauge("wsclip_gpu_memory_bytes", "GPU memory of this process (CUDA only)", ["kind"], registry=r)
         for kind in ("allocated", "reserved"):
