@@ -299,7 +299,8 @@ def _run_cam(args):
             raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
         res = make_cams(args.checkpoint, args.data, args.out, split=args.split, scales=scales,
                         device=args.device, num_workers=args.workers, amp=args.amp)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     if args.method == "clip-es":
         from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
@@ -311,7 +312,8 @@ def _run_cam(args):
                            box_compat=args.box_compat, backend=args.backend)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     raise WsclipError(f"--method {args.method} is not available in this build")
 
@@ -398,7 +400,8 @@ def _run_segment(args):
     res = segment(args.checkpoint, args.images, args.out, split=args.split, scales=parse_scales(args.scales),
                   flip=not args.no_flip, crf=args.crf, crf_workers=args.crf_workers, device=args.device,
                   num_workers=args.workers, amp=args.amp)
-    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {res['total']} images)")
+    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {len(res['failed'])} skipped "
+          f"into errors.json, {res['total']} images)")
 
 # ============================================================================ export onnx / check / trt
 _EXPORT_HELP = ("export models for deployment (ONNX, TensorRT engines, parity checks) and labelled masks (COCO, "
@@ -647,6 +650,7 @@ def _add_serve(sub):
     p.add_argument("--max-pixels", type=int, default=36_000_000, help="largest image (width x height)")
     p.add_argument("--max-batch-items", type=int, default=32, help="images per /v1/label/batch request")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its result")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request body (then 408)")
     p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
     p.add_argument("--review", type=Path, metavar="OUT_DIR",
                    help="also serve the review page of this labelled folder under /review (see `wsclip review`)")
@@ -676,8 +680,8 @@ def _run_serve(args):
     cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                       max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
-                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout, token=token,
-                      review=args.review)
+                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout,
+                      read_timeout_s=args.read_timeout, token=token, review=args.review)
     lab = _labeler_config(args)
     return serve(lab.replace(batch_size=max(lab.batch_size, args.max_batch_size)), cfg, log_level=args.log_level)
 
@@ -912,7 +916,7 @@ def _add_bench(sub):
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under two minutes on a CPU)")
     p.add_argument("--tiny", action="store_true", help="toy sizes (overrides --quick): checks that the harness "
                                                        "runs; tests use it")
-    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default benchmarks/results)")
+    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default ./benchmarks/results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--label", help="the machine in words for the report (default '<N>-core CPU' or the GPU's name)")
@@ -922,8 +926,8 @@ def _add_bench(sub):
     p.set_defaults(func=_run_bench)
     bsub = p.add_subparsers(dest="bench_command", metavar="[report]")
     r = bsub.add_parser("report", help="render BENCHMARKS.md tables and PNG plots from the run files")
-    r.add_argument("--results", type=Path, help="folder of run files (default benchmarks/results)")
-    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default BENCHMARKS.md)")
+    r.add_argument("--results", type=Path, help="folder of run files (default ./benchmarks/results)")
+    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default ./BENCHMARKS.md)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
     r.add_argument("--include-tiny", action="store_true", help="also show --tiny runs (their figures mean nothing)")
     r.set_defaults(func=_run_bench_report)
@@ -952,18 +956,15 @@ def _run_bench(args):
 
 def _run_bench_report(args):
     from wsclip.bench.report import write_report
-    from wsclip.bench.runner import repo_root
+    from wsclip.bench.runner import DEFAULT_MARKDOWN, DEFAULT_RESULTS
 
-    results = args.results
-    markdown = args.markdown
-    if results is None or markdown is None:
-        root = repo_root()
-        results = results or root / "benchmarks" / "results"
-        markdown = markdown or root / "BENCHMARKS.md"
+    results = args.results or DEFAULT_RESULTS  # the current folder's, never the installed package's
+    markdown = args.markdown or DEFAULT_MARKDOWN
     done = write_report(results, markdown, plots=not args.no_plots, include_tiny=args.include_tiny)
     for bad in done["invalid"]:
         print(f"ignored (does not follow the schema): {bad}", file=sys.stderr)
-    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) into {done['markdown']}; "
+    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) from {Path(results).resolve()} "
+          f"into {Path(done['markdown']).resolve()}; "
           f"{len(done['plots'])} plots")
 
 

@@ -239,6 +239,7 @@ def make_pseudo_masks(
     `<id>.npy` (h, w) / `<id>.npz` ("edge") maps at stride 4. Returns {"written", "skipped",
     "failed": [(id, message)], "total"}.
     """
+    from wsclip.io import read_errors, write_errors
     from wsclip.progress import progress
 
     cfg = cfg or PseudoConfig()
@@ -267,6 +268,7 @@ def make_pseudo_masks(
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (out / f"{i}.png").is_file()]
     failed: list[tuple[str, str]] = []
+    cam_errors = read_errors(cam_dir)  # images `wsclip cam` skipped have no CAM file: skipped here too
     written = 0
     workers = cfg.workers
     if workers is None:
@@ -290,11 +292,20 @@ def make_pseudo_masks(
 
     try:
         for image_id in todo:
+            if image_id in cam_errors and not (cam_dir / f"{image_id}.npz").is_file():
+                failed.append((image_id, f"no CAM file: `wsclip cam` skipped it ({cam_errors[image_id]})"))
+                bar.update(1)
+                continue
             try:
                 cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
                 image = None
                 if need_image:
-                    image = ds.load_image(ds.index(image_id))
+                    try:
+                        image = ds.load_image(ds.index(image_id))
+                    except WsclipError as exc:  # a bad image never stops the run (whatever --on-error says)
+                        failed.append((image_id, str(exc)))
+                        bar.update(1)
+                        continue
                     if tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
                         raise BadFileError(
                             f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x{cam['cams'].shape[1]} "
@@ -328,4 +339,5 @@ def make_pseudo_masks(
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         _save_quality(out / QUALITY_FILE, quality)
+    write_errors(out, failed)
     return {"written": written, "skipped": len(ids) - len(todo), "failed": failed, "total": len(ids)}

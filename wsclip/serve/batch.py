@@ -207,6 +207,8 @@ def open_source(spec, split: str | None = None, labels=None, classes: Sequence[s
         from wsclip.data import open_dataset
 
         kw = {"masks": False} if layout in ("voc", "coco") else {}
+        if layout == "folder" and classes is not None:
+            kw["classes"] = tuple(classes)  # the labels file's names map onto the model's classes by name
         ds = open_dataset(spec, split=split, **kw)
         own = layout in ("voc", "coco", "synth") or getattr(ds, "labels_file", None) is not None
         src = ImageSource(ids=list(ds.ids), dataset=ds, dataset_labels=own, classes=tuple(ds.classes))
@@ -236,14 +238,32 @@ def open_source(spec, split: str | None = None, labels=None, classes: Sequence[s
 def attach_labels(src: ImageSource, labels=None, classes: Sequence[str] | None = None) -> ImageSource:
     """Check a source against the model's classes and read a labels file (which overrides dataset labels)."""
     if classes is not None and src.dataset_labels and src.classes and tuple(src.classes) != tuple(classes):
-        raise WsclipError(f"the dataset's classes ({', '.join(src.classes)}) differ from the model's "
-                          f"({', '.join(classes)}): use the model trained for this dataset")
+        src.labels, src.dataset_labels = _labels_by_name(src, tuple(classes)), False
     if labels is not None:
         if classes is None:
             raise WsclipError("a labels file needs the model's class list")
         src.labels = read_labels_file(labels, classes, src.ids)
         src.dataset_labels = False
     return src
+
+
+def _labels_by_name(src: ImageSource, classes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The dataset's image-level labels mapped onto the model's classes by name ({id: (K,) 0/1}); a label
+    whose name the model does not know is an UnknownClassError naming the image."""
+    from wsclip.errors import UnknownClassError
+
+    pos = {c: k for k, c in enumerate(classes)}
+    out = {}
+    for i, image_id in enumerate(src.ids):
+        y = np.zeros(len(classes), np.float32)
+        for k in np.flatnonzero(np.asarray(src.dataset.label_vector(i)) > 0.5):
+            name = src.classes[int(k)]
+            if name not in pos:
+                raise UnknownClassError(f"image '{image_id}' is labelled '{name}', a class the model does not know; "
+                                        f"the model's classes: {', '.join(classes)}")
+            y[pos[name]] = 1.0
+        out[image_id] = y
+    return out
 
 
 def _head(src: ImageSource, n: int) -> ImageSource:
@@ -381,7 +401,8 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions,
     atomic_write_bytes(out / f"{image_id}.png", encode_mask_png(mask))  # last: its presence marks the image done
     files.insert(0, f"{image_id}.png")
     rec = {"id": image_id, "status": "ok", "size": [int(mask.shape[0]), int(mask.shape[1])],
-           "labels": [int(k) for k in result.keys], "predicted": bool(result.predicted), "files": files}
+           "labels": [opts.classes[int(k)] for k in result.keys], "label_ids": [int(k) + 1 for k in result.keys],
+           "predicted": bool(result.predicted), "files": files}
     if path is not None:
         rec["image"] = path
     if opts.rle:
@@ -425,7 +446,10 @@ def load_item(source: ImageSource, i: int, raw_jpeg: bool = False) -> tuple:
     image_id = source.ids[i]
     try:
         if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
-            image = p.read_bytes()
+            from wsclip.io import open_image, plain_jpeg
+
+            image = p.read_bytes()  # for the GPU decoder, unless it needs open_image (CMYK, EXIF, huge, broken)
+            image = image if plain_jpeg(image) else open_image(p)
         else:
             image = source.load(i)
         return i, image_id, image, source.label(i), None
@@ -568,8 +592,9 @@ def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: 
                    classes: Sequence[str]) -> None:
     from wsclip.io import atomic_write_json
 
-    errors = [{"id": i, "error": r.get("error", "")} for i, r in manifest.records.items() if r.get("status") == "error"]
-    atomic_write_json(out / "errors.json", errors)
+    from wsclip.io import write_errors
+
+    write_errors(out, [(i, r.get("error", "")) for i, r in manifest.records.items() if r.get("status") == "error"])
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / CLASSES_FILE, list(classes))
     if rle:
@@ -578,7 +603,9 @@ def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: 
             rec = manifest.records.get(image_id)
             if not rec or rec.get("status") != "ok":
                 continue
-            images.append({"id": n + 1, "file_name": image_id, "height": rec["size"][0], "width": rec["size"][1],
+            path = source.path(n)
+            file_name = image_id + path.suffix if path is not None else image_id  # the image's file, as COCO means
+            images.append({"id": n + 1, "file_name": file_name, "height": rec["size"][0], "width": rec["size"][1],
                            **({"wsclip_quality": rec["quality"]["score"]} if rec.get("quality") else {})})
             for a in rec.get("annotations", []):
                 anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": a["category_id"],

@@ -537,8 +537,13 @@ def detect_method(model) -> str:
             raise BadFileError(f"{side} is not valid JSON: {exc}") from None
     names = {"camnet": "cam", "seg": "seg"}
     if kind not in names:
-        raise CheckpointError(f"{path} is a '{kind}' model; `wsclip label` takes a CAM network or a segmentation "
-                              "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")
+        from wsclip.io import describe_file
+
+        what = f"an exported '{kind}' model" if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES \
+            else describe_file(path)
+        raise CheckpointError(f"{path} is {what}; `wsclip label` and `wsclip serve` take a CAM network or a "
+                              "segmentation network (checkpoint .safetensors with its .json sidecar, .onnx or "
+                              "TensorRT engine), or --method clip-es --clip FILE")
     return names[kind]
 
 

@@ -31,9 +31,9 @@ _PAGES = {"": ("review.html", "text/html; charset=utf-8"), "review.js": ("review
 
 
 def _classes_of(rec: dict) -> list[int]:
-    """0-based classes an image is labelled with (the record's labels, else the quality entry's areas)."""
-    if rec.get("labels") is not None:
-        return [int(k) for k in rec["labels"]]
+    """0-based classes an image is labelled with (the record's 1-based label_ids, else the quality entry's areas)."""
+    if rec.get("label_ids") is not None:
+        return [int(k) - 1 for k in rec["label_ids"]]
     return sorted(int(k) for k in ((rec.get("quality") or {}).get("area") or {}))
 
 
