@@ -67,23 +67,24 @@ class Manifest:
     """Append-only JSON-lines record of finished items (the last record of an id wins).
 
     A run killed mid-line leaves a partial last line: reading drops it and truncates the file to
-    its last complete line, so later appends stay valid JSON lines.
+    its last complete line, so later appends stay valid JSON lines. `repair=False` (readers such as
+    `wsclip review`, which may run beside a labelling run) only drops it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, repair: bool = True):
         self.path = Path(path)
         self.records: dict[str, dict] = {}
         self._lock = threading.Lock()
         if self.path.is_file():
-            self._load()
+            self._load(repair)
 
-    def _load(self) -> None:
+    def _load(self, repair: bool = True) -> None:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end != len(data):  # partial tail from a killed run
+        if end != len(data) and repair:  # partial tail from a killed run
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-            data = data[:end]
+        data = data[:end]
         for line in data.decode("utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
@@ -283,20 +284,22 @@ class Job:
     def item(self, item_id: str, **fields):
         """Work on one item: on success its ok record is written; a WsclipError or OSError inside
         becomes its error record (the run goes on; under on_error="fail" the error propagates)."""
+        extra = dict(fields)
         try:
-            yield
+            yield extra  # the caller may add fields to the item's record
         except (WsclipError, OSError) as exc:
             self.record(error_record(item_id, str(exc)))
             if self.on_error == "fail":
                 raise  # the item's own error, with its own type
             return
-        self.done(item_id, **fields)
+        self.done(item_id, **extra)
 
     def submit(self, pool, item_id: str, fn: Callable, *args) -> None:
         """Run fn(*args) for one item in `pool`; its record is written the moment it finishes.
 
-        fn returns the item's record (a dict with "id" and "status") or anything else for a plain ok
-        record; an exception becomes its error record. Call `drain` to count finished items.
+        fn returns the item's record (a dict with "id" and "status"), a dict of fields for its ok record,
+        or anything else for a plain ok record; an exception becomes its error record. Call `drain` to
+        count finished items.
         """
         fut, box = pool.submit(fn, *args), []
 
@@ -309,7 +312,10 @@ class Job:
                 rec = error_record(item_id, why)
             else:
                 r = f.result()
-                rec = r if isinstance(r, dict) and "status" in r and r.get("id") == item_id else {"id": item_id, "status": "ok"}
+                if isinstance(r, dict) and "status" in r and r.get("id") == item_id:
+                    rec = r  # the item's own record
+                else:  # a plain dict: fields of its ok record
+                    rec = {"id": item_id, "status": "ok", **(r if isinstance(r, dict) else {})}
             self.write(rec)
             box.append(rec)
 
@@ -341,7 +347,7 @@ class Job:
 
     def finish(self, **extra) -> dict:
         """Write errors.json and summary.json; return the summary."""
-        from wsclip.io import atomic_write_json
+        from wsclip.io import atomic_write_json, write_errors
 
         errors = self.errors()
         seconds = self.seconds
@@ -349,7 +355,7 @@ class Job:
                    "errors": len(errors), "seconds": round(seconds, 3),
                    "items_per_s": round(self.counts["done"] / seconds, 3) if seconds > 0 else None,
                    "error_ids": sorted(e["id"] for e in errors)[:100], **extra}
-        atomic_write_json(self.out / "errors.json", errors)
+        write_errors(self.out, [(e["id"], e["error"]) for e in errors])
         atomic_write_json(self.out / "summary.json", summary)
         return summary
 

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from wsclip.bench.schema import MODES, SCHEMA_ID, validate_run
+from wsclip.bench.schema import MODES, SCHEMA_ID, shown_mfu, validate_run
 from wsclip.bench.suite import Skip, SuiteContext, SuiteResult
 from wsclip.bench.timing import Meter, measure_ceilings
 from wsclip.errors import MissingFileError, WsclipError
@@ -34,6 +34,11 @@ ORDER = ("clip-encode", "clims-step", "clip-es-label", "label-e2e", "random-walk
 _CEILING_SIZES = {("cuda", "full"): (8192, 1024), ("cuda", "quick"): (8192, 512), ("cuda", "tiny"): (1024, 64),
                   ("cpu", "full"): (1024, 128), ("cpu", "quick"): (768, 64), ("cpu", "tiny"): (256, 8)}
 _BUDGET_S = {"full": 60.0, "quick": 4.0, "tiny": 2.0}
+
+
+#: where runs are written and `bench report` reads them by default: relative to the current folder
+DEFAULT_RESULTS = Path("benchmarks") / "results"
+DEFAULT_MARKDOWN = Path("BENCHMARKS.md")
 
 
 def repo_root() -> Path:
@@ -107,7 +112,7 @@ def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: 
 
 
 def _run(names, available, mode, dev, out_dir, label, argv, root, quiet, budget) -> tuple[Path, dict]:
-    out_dir = Path(out_dir) if out_dir is not None else root / "benchmarks" / "results"
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS  # the current folder, never the package's
     from wsclip.bench.env import capture_environment
 
     t_run = time.perf_counter()
@@ -200,7 +205,8 @@ def format_run(run: dict) -> str:
         lines.append(f"  {name}:")
         for r in s["results"]:
             if r["status"] == "ok":
-                mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+                shown = shown_mfu(r, run["environment"]["device"])
+                mfu = f", MFU {100 * shown:.1f}%" if shown is not None else ""
                 lines.append(f"    {r['case']:<28} {r['variant']:<44} {r['throughput']:>10.3g} {r['unit']}"
                              f" ({r['latency_ms']:.1f} ms/call{mfu})")
             else:

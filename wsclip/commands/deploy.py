@@ -11,7 +11,8 @@ from wsclip.commands import group as _group
 
 
 # ============================================================================ export onnx / check / trt
-_EXPORT_HELP = "export models for deployment: ONNX, TensorRT engines, parity checks (see `wsclip export <what> --help`)"
+_EXPORT_HELP = ("export models for deployment (ONNX, TensorRT engines, parity checks) and labelled masks (COCO, "
+                "Label Studio, CVAT, FiftyOne); see `wsclip export <what> --help`")
 
 
 def _add_export_onnx(sub):
@@ -158,7 +159,7 @@ def _add_bench(sub):
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under two minutes on a CPU)")
     p.add_argument("--tiny", action="store_true", help="toy sizes (overrides --quick): checks that the harness "
                                                        "runs; tests use it")
-    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default benchmarks/results)")
+    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default ./benchmarks/results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--label", help="the machine in words for the report (default '<N>-core CPU' or the GPU's name)")
@@ -168,8 +169,8 @@ def _add_bench(sub):
     p.set_defaults(func=_run_bench)
     bsub = p.add_subparsers(dest="bench_command", metavar="[report]")
     r = bsub.add_parser("report", help="render BENCHMARKS.md tables and PNG plots from the run files")
-    r.add_argument("--results", type=Path, help="folder of run files (default benchmarks/results)")
-    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default BENCHMARKS.md)")
+    r.add_argument("--results", type=Path, help="folder of run files (default ./benchmarks/results)")
+    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default ./BENCHMARKS.md)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
     r.add_argument("--include-tiny", action="store_true", help="also show --tiny runs (their figures mean nothing)")
     r.set_defaults(func=_run_bench_report)
@@ -198,16 +199,13 @@ def _run_bench(args):
 
 def _run_bench_report(args):
     from wsclip.bench.report import write_report
-    from wsclip.bench.runner import repo_root
+    from wsclip.bench.runner import DEFAULT_MARKDOWN, DEFAULT_RESULTS
 
-    results = args.results
-    markdown = args.markdown
-    if results is None or markdown is None:
-        root = repo_root()
-        results = results or root / "benchmarks" / "results"
-        markdown = markdown or root / "BENCHMARKS.md"
+    results = args.results or DEFAULT_RESULTS  # the current folder's, never the installed package's
+    markdown = args.markdown or DEFAULT_MARKDOWN
     done = write_report(results, markdown, plots=not args.no_plots, include_tiny=args.include_tiny)
     for bad in done["invalid"]:
         print(f"ignored (does not follow the schema): {bad}", file=sys.stderr)
-    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) into {done['markdown']}; "
+    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) from {Path(results).resolve()} "
+          f"into {Path(done['markdown']).resolve()}; "
           f"{len(done['plots'])} plots")

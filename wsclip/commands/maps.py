@@ -74,7 +74,8 @@ def _run_cam(args):
         res = make_cams(args.checkpoint, args.data, args.out, split=args.split, scales=scales,
                         device=args.device, num_workers=args.workers, amp=args.amp, restart=args.restart,
                         on_error=args.on_error)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     if args.method == "clip-es":
         from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
@@ -85,7 +86,8 @@ def _run_cam(args):
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers, restart=args.restart,
                                 on_error=args.on_error)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     raise WsclipError(f"--method {args.method} is not available in this build")
 
@@ -147,7 +149,8 @@ def _run_segment(args):
     res = segment(args.checkpoint, args.images, args.out, split=args.split, scales=parse_scales(args.scales),
                   flip=not args.no_flip, crf=args.crf, crf_workers=args.crf_workers, device=args.device,
                   num_workers=args.workers, amp=args.amp, restart=args.restart, on_error=args.on_error)
-    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {res['total']} images)")
+    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {len(res['failed'])} skipped "
+          f"into errors.json, {res['total']} images)")
 
 # ============================================================================ pseudo / refine / prompts (CLIP-ES, IRN, CRF)
 def _pseudo_common_args(p, crf_default: bool = False):

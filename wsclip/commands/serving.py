@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from wsclip.errors import WsclipError
+from wsclip.commands import group as _group
 from wsclip.commands.maps import _clip_es_args, _clip_es_options
 
 
@@ -45,6 +46,9 @@ def _add_label(sub):
     p.add_argument("--cams", action="store_true", help="also write cams/<id>.npz (the `wsclip cam` format)")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
     p.add_argument("--rle", action="store_true", help="also write annotations.json (COCO-style RLE)")
+    p.add_argument("--gt", type=Path, help="folder of ground-truth <id>.png masks: per-image IoU in the manifest")
+    p.add_argument("--review-first", type=int, metavar="N",
+                   help="after the run, list the N masks with the worst quality score (`wsclip review` shows them)")
     p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
@@ -68,7 +72,7 @@ def _run_label(args):
     cfg = _labeler_config(args)
     run = LabelRunConfig(out=args.out, window=args.window, workers=args.workers, post_workers=args.post_workers,
                          on_error=args.on_error, cams=args.cams, overlays=args.overlays, rle=args.rle,
-                         decode=args.decode, restart=args.restart)
+                         decode=args.decode, restart=args.restart, gt=args.gt)
     if args.ray:
         from wsclip.serve.ray_job import label_images_ray
 
@@ -80,6 +84,10 @@ def _run_label(args):
 
         summary = label_images(cfg, args.images, run, split=args.split, labels=args.labels, limit=args.limit)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if args.review_first:
+        from wsclip.serve.folder import LabeledFolder
+
+        print(LabeledFolder(args.out).worst_table(args.review_first))
     return 1 if summary["errors"] and args.on_error == "fail" else 0
 
 
@@ -95,16 +103,18 @@ def _add_serve(sub):
     p.add_argument("--max-pixels", type=int, default=36_000_000, help="largest image (width x height)")
     p.add_argument("--max-batch-items", type=int, default=32, help="images per /v1/label/batch request")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its result")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request body (then 408)")
     p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
+    p.add_argument("--review", type=Path, metavar="OUT_DIR",
+                   help="also serve the review page of this labelled folder under /review (see `wsclip review`)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
     p.set_defaults(func=_run_serve)
 
 
-def _run_serve(args):
+def _token(args) -> str | None:
+    """The bearer token of a server: --token-file, else env WSCLIP_SERVE_TOKEN, else none."""
     import os
-
-    from wsclip.serve.server import ServeConfig, serve
 
     token = os.environ.get("WSCLIP_SERVE_TOKEN") or None
     if args.token_file is not None:
@@ -113,9 +123,84 @@ def _run_serve(args):
         token = args.token_file.read_text().strip() or None
         if token is None:
             raise WsclipError(f"token file {args.token_file} is empty")
+    return token
+
+
+def _run_serve(args):
+    from wsclip.serve.server import ServeConfig, serve
+
+    token = _token(args)
     cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                       max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
-                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout, token=token)
+                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout,
+                      read_timeout_s=args.read_timeout, token=token, review=args.review)
     lab = _labeler_config(args)
     return serve(lab.replace(batch_size=max(lab.batch_size, args.max_batch_size)), cfg, log_level=args.log_level)
+
+
+# ============================================================================ review and mask exports
+def _folder_args(p):
+    p.add_argument("folder", type=Path, help="a `wsclip label` (or `wsclip pseudo`) output folder")
+    p.add_argument("--images", help="the images it was labelled from, as given to `wsclip label --images` "
+                                    "(default: the paths its manifest records)")
+    p.add_argument("--split", help="split of --images when it is a dataset")
+    p.add_argument("--classes", help="class names: voc, coco or a file, one a line (default: the folder's classes.json)")
+
+
+def _open_folder(args, gt=None):
+    from wsclip.serve.folder import LabeledFolder
+
+    return LabeledFolder(args.folder, images=args.images, split=args.split, classes=args.classes, gt=gt)
+
+
+def _add_review(sub):
+    p = sub.add_parser("review", help="a local web page to check a labelled folder, worst quality score first; "
+                                      "accept / reject marks go to <folder>/review.json (the exports honour them)")
+    _folder_args(p)
+    p.add_argument("--gt", type=Path, help="folder of ground-truth <id>.png masks: per-class IoU on the page")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
+    p.add_argument("--list", type=int, metavar="N", help="print the N worst masks and exit (no server)")
+    p.set_defaults(func=_run_review)
+
+
+def _run_review(args):
+    folder = _open_folder(args, gt=args.gt)
+    if args.list is not None:
+        print(folder.worst_table(args.list))
+        return 0
+    from wsclip.serve.review import serve_review
+
+    return serve_review(folder, args.host, args.port, _token(args))
+
+
+def _add_export_masks(sub):
+    from wsclip.commands.deploy import _EXPORT_HELP
+    from wsclip.export.masks import FORMATS
+
+    g = _group(sub, "export", _EXPORT_HELP)
+    p = g.add_parser("masks", help="a labelled folder as COCO RLE JSON, Label Studio tasks, a CVAT mask zip or a "
+                                   "FiftyOne COCO dataset; images rejected in `wsclip review` are left out")
+    _folder_args(p)
+    p.add_argument("--format", required=True, choices=FORMATS, help="coco (.json), labelstudio (.json + "
+                   ".labeling_config.xml), cvat (.zip, Segmentation mask 1.1), fiftyone (a folder)")
+    p.add_argument("--out", required=True, type=Path, help="output file (folder for fiftyone)")
+    p.add_argument("--instances", action="store_true", help="coco: one annotation per connected region "
+                                                            "(default: one per class mask)")
+    p.add_argument("--only-accepted", action="store_true", help="only images accepted in `wsclip review`")
+    p.add_argument("--url-prefix", default="", help="labelstudio: prefix of each task's image URL "
+                                                    "(e.g. /data/local-files/?d=photos/)")
+    p.add_argument("--ignore", choices=("label", "background"), default="label",
+                   help="cvat: ignore (255) pixels as a declared 'ignore' label (default) or as background")
+    p.set_defaults(func=_run_export_masks)
+
+
+def _run_export_masks(args):
+    from wsclip.export.masks import export_masks
+
+    info = export_masks(_open_folder(args), args.out, args.format, instances=args.instances,
+                        only_accepted=args.only_accepted, url_prefix=args.url_prefix, ignore=args.ignore)
+    print(f"wrote {info['images']} images to {info['out']} ({args.format}); "
+          f"{info['left_out']} left out by the review marks")

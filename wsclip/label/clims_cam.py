@@ -89,7 +89,7 @@ def make_cams(
     if isinstance(data, (str, Path)):
         from wsclip.data import open_images
 
-        ds = open_images(data, split)
+        ds = open_images(data, split, classes=classes)  # a folder's label names map onto the model's classes
     else:
         ds = data
     if len(ds.classes) != net.num_classes:

@@ -4,7 +4,9 @@ Per image: scores = [background, CAMs of the present classes], background either
 threshold or (1 - max_c CAM)^alpha; optionally IRN random walk (boundary maps from an IRN
 checkpoint or a folder), dense CRF (in worker processes) and the confidence filter of CLIP-ES's
 CGL (max posterior below 0.95 -> 255); argmax; a palette PNG per image (`wsclip eval` reads it).
-Outputs are written atomically; existing PNGs are skipped, so a killed run resumes. A corrupt
+Outputs are written atomically; existing PNGs are skipped, so a killed run resumes. Each mask's
+quality score (wsclip.label.quality: CGL-dropped share, CRF changes, CAM sharpness, degenerate classes)
+goes to `quality.json` ({id: quality}) in the output folder, for `wsclip review` and the exports. A corrupt
 or mismatched CAM file is reported by name and skipped (`on_error="skip"`) or stops the run.
 """
 
@@ -21,12 +23,14 @@ import torch.nn.functional as F
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, ShapeError, WsclipError
 from wsclip.constants import IGNORE_INDEX
 from wsclip.formats import read_cams
+from wsclip.jobs import error_record
 from wsclip.label.masks import background_argmax
 from wsclip.refine.crf import CRFParams, crf_pool
 
 __all__ = ["PseudoConfig", "stack_scores", "scores_to_mask", "read_cams", "make_pseudo_masks"]
 
 BACKGROUNDS = ("power", "threshold")
+QUALITY_FILE = "quality.json"  # {id: quality entry} of the masks in a `wsclip pseudo` folder
 ON_ERROR = ("skip", "fail")
 
 
@@ -105,19 +109,46 @@ def random_walk_scores(cams: np.ndarray, edge, cfg: PseudoConfig, low=None, devi
     return scores.float().cpu().numpy()
 
 
-def _finish(job) -> str:
-    """Worker side: optional CRF, confidence filter, argmax, atomic PNG write. Returns the output path."""
+def _finish(job) -> dict:
+    """Worker side: optional CRF, confidence filter, argmax, atomic PNG write. Returns the mask's quality entry."""
     from wsclip.io import write_mask
+    from wsclip.label.quality import assess
     from wsclip.refine.crf import dense_crf
 
     image, scores, keys, out_path, cfg = job
+    before = None
+    cams = scores[1:]
     if cfg.crf:
+        before = scores_to_mask(scores, keys)
         scores = dense_crf(image, scores, cfg.crf_params)
-    write_mask(out_path, scores_to_mask(scores, keys, cfg.confidence))
-    return str(out_path)
+    mask = scores_to_mask(scores, keys, cfg.confidence)
+    write_mask(out_path, mask)
+    return assess(mask, keys, cams, before)
 
 
 # ----------------------------------------------------------------------------- runner
+def _finish_fields(job) -> dict:
+    """`_finish` in a pool worker; its quality entry goes into the image's manifest record."""
+    return {"quality": _finish(job)}
+
+
+def _save_quality(path: Path, new: dict) -> None:
+    """Merge this run's quality entries into the folder's quality.json (atomically)."""
+    import json
+
+    from wsclip.io import atomic_write_json
+
+    if not new:
+        return
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+    atomic_write_json(path, {**(old if isinstance(old, dict) else {}), **new})
+
+
 def _open(data, split):
     if data is None or not isinstance(data, (str, Path)):
         return data
@@ -183,6 +214,7 @@ def make_pseudo_masks(
     `<id>.npy` (h, w) / `<id>.npz` ("edge") maps at stride 4. Returns {"written", "skipped",
     "failed": [(id, message)], "total"}.
     """
+    from wsclip.io import read_errors
     from wsclip.jobs import Job
 
     cfg = cfg or PseudoConfig()
@@ -208,6 +240,7 @@ def make_pseudo_masks(
 
         rw_device = resolve_device(device)  # the random walk runs where the user asked (Triton on CUDA)
     need_image = cfg.crf or irn is not None
+    cam_errors = read_errors(cam_dir)  # images `wsclip cam` skipped have no CAM file: skipped here too
     workers = cfg.workers
     if workers is None:
         from wsclip.refine.crf import default_workers
@@ -218,7 +251,10 @@ def make_pseudo_masks(
         pool = crf_pool(workers) if (cfg.crf and workers > 1) else None
         try:
             for image_id in job.start(ids):
-                with job.item(image_id):
+                if image_id in cam_errors and not (cam_dir / f"{image_id}.npz").is_file():
+                    job.record(error_record(image_id, f"no CAM file: `wsclip cam` skipped it ({cam_errors[image_id]})"))
+                    continue
+                with job.item(image_id) as fields:
                     cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
                     image = None
                     if need_image:
@@ -235,16 +271,18 @@ def make_pseudo_masks(
                         scores = stack_scores(cam["cams"], cfg)
                     work = (image, scores, cam["keys"], job.out / f"{image_id}.png", cfg)
                     if pool is not None:
-                        job.submit(pool, image_id, _finish, work)
+                        job.submit(pool, image_id, _finish_fields, work)
                         job.drain(keep=2 * workers)
                         job.raise_failure()
                         continue  # recorded when it finishes
-                    _finish(work)
+                    fields["quality"] = _finish(work)
             job.drain(keep=0)
             job.raise_failure()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            _save_quality(job.out / QUALITY_FILE, {i: r["quality"] for i, r in job.manifest.records.items()
+                                                   if r.get("status") == "ok" and "quality" in r})
         return job.result()
 
 

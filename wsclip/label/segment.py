@@ -86,7 +86,7 @@ def segment(
 
     checkpoint: a `wsclip train seg` checkpoint path or a SegNet. Resumable (`wsclip.jobs`).
     With crf, a dense CRF refines the probabilities in `crf_workers` processes (default: all
-    cores). Returns {"written", "skipped", "total"}.
+    cores). A bad image is skipped into <out_dir>/errors.json. Returns {"written", "skipped", "failed", "total"}.
     """
     from wsclip.io import write_mask
     from wsclip.models.seg import load_seg_model
