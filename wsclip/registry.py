@@ -120,5 +120,9 @@ def labeler_kind(path) -> ModelKind:
     kind = detect_kind(path)
     if kind in KINDS and KINDS[kind].predictor_fn is not None:
         return KINDS[kind]
-    raise CheckpointError(f"{path} is a '{kind}' model, not a labeler: `wsclip label` takes a CAM network or a segmentation "
-                          "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")
+    from wsclip.io import describe_file
+
+    what = f"an exported '{kind}' model" if is_export(path) else describe_file(path)
+    raise CheckpointError(f"{path} is {what}, not a labeler: `wsclip label` and `wsclip serve` take a CAM network or "
+                          "a segmentation network (checkpoint .safetensors with its .json sidecar, .onnx or TensorRT "
+                          "engine), or --method clip-es --clip FILE")
