@@ -165,3 +165,18 @@ def test_crf_option_without_extra_names_it(world, tmp_path, monkeypatch, capsys)
                  "--crf"]) == 2
     assert "wsclip[crf]" in capsys.readouterr().err
     assert not list(tmp_path.glob("m/*.png"))  # it failed before writing anything
+
+
+def test_ties_go_to_background_then_to_the_lower_class_and_confidence_equal_is_kept():
+    """Decided rules (the public code's np.argmax / `confidence < 0.95`): a class score equal to the background
+    score is background; equal class scores go to the first key; a max score equal to --confidence is kept."""
+    cams = np.array([[[0.15, 0.5, 0.25]], [[0.10, 0.5, 0.25]]], np.float32)  # (2 classes, 1, 3), exact binary values
+    keys = np.array([4, 1])
+    scores = stack_scores(cams, PseudoConfig(bg="threshold", bg_threshold=0.15))
+    np.testing.assert_array_equal(scores_to_mask(scores, keys), [[0, 5, 5]])
+    scores = stack_scores(cams, PseudoConfig(bg="power", alpha=1.0))  # background 1 - max: 0.85, 0.5, 0.75
+    np.testing.assert_array_equal(scores_to_mask(scores, keys), [[0, 0, 0]])
+    # confidence: 0.5 == 0.5 is kept, 0.25 < 0.5 is not
+    probs = np.array([[[0.5, 0.25]], [[0.5, 0.25]], [[0.0, 0.5]]], np.float32)
+    np.testing.assert_array_equal(scores_to_mask(probs, keys, confidence=0.5), [[0, 2]])
+    np.testing.assert_array_equal(scores_to_mask(probs, keys, confidence=0.75), [[255, 255]])
