@@ -524,12 +524,26 @@ def _add_export_trt(sub):
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read if present, then updated)")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace in GiB (default 4)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index")
+    p.add_argument("--check-only", action="store_true",
+                   help="no TensorRT or GPU needed: check the graph TensorRT 10 would parse (opset, operators, "
+                        "types, profile against the dynamic axes) and print the equivalent trtexec command")
     p.set_defaults(func=_run_export_trt, precision=None)
 
 
 def _run_export_trt(args):
-    from wsclip.export.tensorrt import build_engine
+    from wsclip.export.tensorrt import build_engine, check_build
 
+    if args.check_only:
+        report = check_build(args.onnx, args.out, precision=args.precision or "fp16", calib_images=args.calib_images,
+                             min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                             min_hw=args.min_hw, opt_hw=args.opt_hw, max_hw=args.max_hw,
+                             timing_cache=args.timing_cache, workspace_gib=args.workspace_gib)
+        for problem in report["problems"]:
+            print(f"problem: {problem}")
+        print(" ".join(report["trtexec"]))
+        print(f"{report['graph']}: {'ready for TensorRT 10' if not report['problems'] else 'NOT ready'} "
+              f"(opset {report['opset']}, {len(report['ops'])} operator types; not built: no TensorRT run here)")
+        return 0 if not report["problems"] else 1
     meta = build_engine(args.onnx, args.out, precision=args.precision or "fp16", calib_images=args.calib_images,
                         calib_cache=args.calib_cache, calib_count=args.calib_count, calib_method=args.calib_method,
                         min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
@@ -838,6 +852,8 @@ def _add_bench(sub):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--label", help="the machine in words for the report (default '<N>-core CPU' or the GPU's name)")
+    p.add_argument("--budget", type=float, help="seconds one measurement may spend repeating (default: 60 full, "
+                                                "4 quick, 2 tiny)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     p.set_defaults(func=_run_bench)
     bsub = p.add_subparsers(dest="bench_command", metavar="[report]")
@@ -860,11 +876,11 @@ def _run_bench(args):
     suites = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else None
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     command = ["wsclip", "bench"] + [f"--{mode}"] * (mode != "full")  # what ran, rebuilt from the parsed flags
-    for flag in ("suites", "device", "threads", "out", "label"):
+    for flag in ("suites", "device", "threads", "out", "label", "budget"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     path, run = run_benchmarks(suites, mode=mode, device=args.device, out_dir=args.out, threads=args.threads,
-                               label=args.label, argv=command)
+                               label=args.label, argv=command, budget_s=args.budget)
     print(format_run(run))
     print(f"wrote {path}")
     return 1 if any(s["status"] == "error" for s in run["suites"].values()) else 0

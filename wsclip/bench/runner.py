@@ -86,12 +86,14 @@ def default_label(device: torch.device) -> str:
 def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: str | None = None,
                    out_dir: Path | None = None, threads: int | None = None, label: str | None = None,
                    argv: list[str] | None = None, root: Path | None = None, quiet: bool = False,
-                   modules: dict | None = None) -> tuple[Path, dict]:
+                   modules: dict | None = None, budget_s: float | None = None) -> tuple[Path, dict]:
     """Run the named suites (default: all) and write `<out_dir>/bench_<device>_<mode>_<time>.json`.
 
     mode: full | quick (fewer sizes and repetitions) | tiny (toy sizes: checks that everything runs).
     On the CPU every suite runs at reduced sizes, stated in its `setup`. `modules` {name: suite module}
-    replaces the suites found on disk. Returns (path, run record).
+    replaces the suites found on disk. budget_s caps the seconds one measurement may spend repeating
+    (default per mode: 60 full, 4 quick, 2 tiny; benchmarks/gpu_check.sh lowers it to fit its 8 minutes).
+    Returns (path, run record).
     """
     if mode not in MODES:
         raise WsclipError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -106,12 +108,13 @@ def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: 
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run(names, available, mode, dev, out_dir, label, argv, root, quiet)
+        budget = float(budget_s) if budget_s is not None else _BUDGET_S[mode]
+        return _run(names, available, mode, dev, out_dir, label, argv, root, quiet, budget)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(names, available, mode, dev, out_dir, label, argv, root, quiet) -> tuple[Path, dict]:
+def _run(names, available, mode, dev, out_dir, label, argv, root, quiet, budget) -> tuple[Path, dict]:
     out_dir = Path(out_dir) if out_dir is not None else root / "benchmarks" / "results"
     from wsclip.bench.env import capture_environment
 
@@ -148,7 +151,7 @@ def _run(names, available, mode, dev, out_dir, label, argv, root, quiet) -> tupl
             say(f"[{name}]")
             res = SuiteResult(name, "" if isinstance(mod, Exception) else getattr(mod, "DESCRIPTION", ""))
             ctx = SuiteContext(device=dev, meter=meter, mode=mode, ceilings=ceilings, tmp=Path(tmp) / name,
-                               root=root, budget_s=_BUDGET_S[mode], quiet=quiet)
+                               root=root, budget_s=budget, quiet=quiet)
             ctx.tmp.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             entry: dict = {"status": "ok"}

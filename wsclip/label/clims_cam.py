@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, WsclipError
+from wsclip.runtime import precision
 
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,9 +69,8 @@ def multiscale_cam(net, inputs: Sequence[torch.Tensor], hw, keys: torch.Tensor, 
     high = torch.zeros(len(keys), *hw, device=device)
     if len(keys) == 0:
         return low, high
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else torch.autocast("cpu", enabled=False)
     for x in inputs:
-        with ctx:
+        with precision(device, amp):
             raw = net(x.to(device, non_blocking=True))
         cam = F.relu(raw.float()[:, keys])  # (2, K', h, w)
         cam = (cam[0] + cam[1].flip(-1))[None]

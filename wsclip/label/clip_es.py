@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import ShapeError, WsclipError
+from wsclip.runtime import precision
 
 __all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
            "make_clip_es_cams", "caa_refine_cam_files"]
@@ -159,8 +160,13 @@ class ClipEs:
         """Batched CLIP-ES at patch resolution for pixels (B, 3, H', W') and keys (B, S) (-1 = empty slot).
 
         Returns {"raw": GradCAM (B, S, h, w) min-max normalised, "refined": CAA maps (B, S, h, w) or
-        None, "probs": (B, K + L)}; empty slots hold zeros.
+        None, "probs": (B, K + L)}; empty slots hold zeros. Runs at wsclip's inference precision
+        (`wsclip.runtime.precision`: fp32 without TF32 on CUDA; the CLIP weights' dtype as loaded).
         """
+        with precision(self.device):
+            return self._forward(pixels, keys)
+
+    def _forward(self, pixels: torch.Tensor, keys: torch.Tensor) -> dict:
         if keys.dim() != 2 or keys.shape[0] != pixels.shape[0]:
             raise ShapeError(f"keys must be (B, S) for {pixels.shape[0]} images, got {tuple(keys.shape)}")
         K = self.fg_text.shape[0]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from wsclip.errors import WsclipError
+from wsclip.runtime import precision
 
 DEFAULT_SCALES = (0.5, 0.75, 1.0)
 
@@ -37,9 +38,7 @@ def segment_probs(net, image: np.ndarray, scales: Sequence[float] = DEFAULT_SCAL
 
     device = next(net.parameters()).device
     x = image_tensor(image, mean or IMAGENET_MEAN, std or IMAGENET_STD, device)
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda")
-           else torch.autocast(device.type, enabled=False))
-    with ctx:
+    with precision(device, amp):
         return net.predict(x, scales, flip)[0].float()
 
 
