@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from wsclip import __version__
-from wsclip.commands import deploy, maps, serving, train
+from wsclip.commands import compat_arg, deploy, maps, serving, train
 from wsclip.errors import WsclipError
 
 
@@ -40,6 +40,9 @@ def _add_eval(sub):
     p.add_argument("--dataset", default="voc", help="class names for the table: voc, coco, or a file with one name per line")
     p.add_argument("--num-classes", type=int, help="number of classes including background (default from --dataset)")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.add_argument("--pred-ignore", choices=("background", "miss", "ignore"),
+                   help="predicted 255 counts as: background (CLIMS/IRN evaluation, the default), miss, or is left out")
+    compat_arg(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -47,7 +50,8 @@ def _run_eval(args):
     from wsclip.eval.evaluate import evaluate_folders, resolve_class_names
 
     names = resolve_class_names(args.dataset, args.num_classes)
-    cm, n = evaluate_folders(args.pred, args.gt, num_classes=len(names), split=args.split)
+    cm, n = evaluate_folders(args.pred, args.gt, num_classes=len(names), split=args.split,
+                             pred_ignore=args.pred_ignore, compat=args.compat)
     print(cm.table(names))
     print(f"images: {n}")
     if args.json:

@@ -16,3 +16,9 @@ def group(sub, name, help):
     p.set_defaults(group_parser=p)
     p._wsclip_subparsers = p.add_subparsers(dest=f"{name}_command", metavar="<what>")
     return p._wsclip_subparsers
+
+
+def compat_arg(p):
+    """--compat: wsclip's defaults or every behaviour of the public code (wsclip.compat, docs/compat.md)."""
+    p.add_argument("--compat", choices=("wsclip", "official"), default="wsclip",
+                   help="official: every behaviour of the public code (docs/compat.md); default wsclip's")

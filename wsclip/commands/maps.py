@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from wsclip.errors import WsclipError
+from wsclip.commands import compat_arg
 from wsclip.commands import group as _group
 
 
@@ -22,13 +23,14 @@ def _clip_es_args(p):
                    help="[clip-es] the public code's box masks (uint8 threshold, exclusive far box edges)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="[clip-es] CAA kernels: auto = Triton on CUDA, PyTorch elsewhere")
+    p.add_argument("--logit-scale", type=float, help="[clip-es] softmax logit scale (default: the checkpoint's)")
 
 
 def _clip_es_options(args) -> dict:
     """ClipEsConfig fields from the `_clip_es_args` flags."""
     return {"caa": not args.no_caa, "box_threshold": args.box_threshold, "template": args.template,
-            "pooling": args.pooling, "caa_layers": args.caa_layers, "box_compat": args.box_compat,
-            "backend": args.backend}
+            "pooling": args.pooling, "caa_layers": args.caa_layers, "box_compat": args.box_compat or None,
+            "backend": args.backend, "logit_scale": args.logit_scale}
 
 
 def _job_args(p, on_error: str = "skip"):
@@ -55,6 +57,9 @@ def _add_cam(sub):
     p.add_argument("--clip", type=Path, help="[clip-es] CLIP ViT checkpoint (e.g. ViT-B-16.pt or a .safetensors with sidecar)")
     p.add_argument("--batch-size", type=int, default=8, help="[clip-es] images per forward (same rounded size)")
     _clip_es_args(p)
+    p.add_argument("--clip-act", choices=("quick_gelu", "gelu"),
+                   help="[clip-es] CLIP activation when the file cannot tell (OpenAI weights: quick_gelu)")
+    compat_arg(p)
     _job_args(p)
     p.set_defaults(func=_run_cam)
 
@@ -82,7 +87,8 @@ def _run_cam(args):
 
         if args.clip is None:
             raise WsclipError("--method clip-es needs --clip (a CLIP ViT checkpoint, e.g. ViT-B-16.pt)")
-        cfg = ClipEsConfig(batch_size=args.batch_size, **_clip_es_options(args))
+        cfg = ClipEsConfig(batch_size=args.batch_size, **_clip_es_options(args), compat=args.compat,
+                           clip_act=args.clip_act)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers, restart=args.restart,
                                 on_error=args.on_error)
@@ -172,6 +178,7 @@ def _pseudo_common_args(p, crf_default: bool = False):
     p.add_argument("--workers", type=int, help="CRF worker processes (default: all cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (random walk, IRN)")
     _job_args(p, on_error="fail")
+    compat_arg(p)
 
 
 def _rw_args(p):
@@ -189,8 +196,8 @@ def _run_pseudo_masks(args, crf: bool):
 
     confidence = 0.95 if args.cgl else args.confidence
     cfg = PseudoConfig(key=args.key, bg=args.bg, alpha=args.alpha, bg_threshold=args.bg_threshold, crf=crf,
-                       crf_params=CRFParams(uint8_wrap=args.crf_uint8_wrap), confidence=confidence,
-                       on_error=args.on_error, workers=args.workers,
+                       crf_params=CRFParams(uint8_wrap=args.crf_uint8_wrap or None), confidence=confidence,
+                       on_error=args.on_error, workers=args.workers, compat=args.compat,
                        **({"rw_beta": args.rw_beta, "rw_exp_times": args.rw_exp_times, "rw_radius": args.rw_radius,
                            "rw_bg_threshold": args.rw_bg_threshold} if hasattr(args, "rw_beta") else {}))
     res = make_pseudo_masks(args.cams, args.out, data=args.data, split=args.split, cfg=cfg,

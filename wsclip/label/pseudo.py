@@ -36,7 +36,10 @@ ON_ERROR = ("skip", "fail")
 
 @dataclass
 class PseudoConfig:
-    """How CAMs become masks. Defaults: CLIP-ES's background (1 - max)^1, no refinement."""
+    """How CAMs become masks. Defaults: CLIP-ES's background (1 - max)^1, no refinement.
+
+    `compat` ("wsclip" or "official", wsclip.compat) decides the CRF settings left None (crf_params.uint8_wrap).
+    """
 
     key: str = "high_res"  # which maps of the CAM file ("high_res_raw": CLIP-ES maps without CAA)
     bg: str = "power"  # "power": (1 - max)^alpha; "threshold": the constant bg_threshold
@@ -51,6 +54,7 @@ class PseudoConfig:
     rw_bg_threshold: float = 0.20  # VOC (COCO 0.25)
     on_error: str = "fail"
     workers: int | None = None  # CRF worker processes (None: all cores; 0 or 1: in this process)
+    compat: str = "wsclip"
 
     def check(self) -> None:
         if self.bg not in BACKGROUNDS:
@@ -217,7 +221,9 @@ def make_pseudo_masks(
     from wsclip.io import read_errors
     from wsclip.jobs import Job
 
-    cfg = cfg or PseudoConfig()
+    from wsclip.compat import resolve
+
+    cfg = resolve(cfg or PseudoConfig())
     cfg.check()
     cam_dir, out = Path(cam_dir), Path(out_dir)
     if not cam_dir.is_dir():

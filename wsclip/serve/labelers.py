@@ -70,6 +70,10 @@ class LabelerConfig:
     amp: bool = opt(False, "bf16 autocast on CUDA (PyTorch backend)")
     threads: int | None = opt(None, "CPU threads for PyTorch / ONNX Runtime")
     classes: str | None = opt(None, "[clip-es] class list: voc, coco or a file with one name per line (default voc)")
+    compat: str = opt("wsclip", "official: every behaviour of the public code (docs/compat.md); default wsclip's",
+                      choices=("wsclip", "official"))
+    clip_act: str | None = opt(None, "CLIP activation when the file cannot tell (OpenAI weights: quick_gelu)",
+                               choices=("quick_gelu", "gelu"))
     options: dict = opt({}, "clip-es: ClipEsConfig fields, alpha and precision (CLIP weights)", cli=False)
 
     def validate(self) -> "LabelerConfig":
@@ -96,6 +100,7 @@ class LabelResult:
     cams: np.ndarray | None = None
     crf_scores: np.ndarray | None = None
     crf_values: np.ndarray | None = None
+    crf_params: object | None = None  # the CRFParams of the labeler (its --compat), used by refine_result
     scores: np.ndarray | None = None
     predicted: bool = False
     low: np.ndarray | None = None     # stride-4 CAMs (len(keys), ceil(H/4), ceil(W/4)) when asked (PyTorch CAM net)
@@ -194,6 +199,10 @@ class Labeler:
             raise WsclipError(f"unknown refinement '{cfg.refine}': use one of {', '.join(REFINEMENTS)}")
         self.refine = cfg.refine
         self.predictor = None
+        from wsclip.compat import resolve
+        from wsclip.refine.crf import CRFParams
+
+        self.crf_params = resolve(CRFParams(), cfg.compat)  # the --compat official CRF image (BGR, uint8 wrap)
 
     @property
     def num_classes(self) -> int:
@@ -374,7 +383,10 @@ class CamNetLabeler(Labeler):
         y_np, scores = self._fill_labels(images, labels, own)
         y = torch.from_numpy(y_np).to(cams.device)
         mask = self._irn_mask(x, cams, y) if self.irn is not None else None
-        return _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask, low)
+        results = _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask, low)
+        for r in results:
+            r.crf_params = self.crf_params
+        return results
 
     def _irn_mask(self, x: torch.Tensor, cams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """IRN random walk (radius 5, beta 10, 2^8 steps) of the stride-4 CAMs on the boundary map; (B, H, W)."""
@@ -440,6 +452,7 @@ class SegNetLabeler(Labeler):
             r = LabelResult(mask=mask[i], keys=(keys[keys > 0].astype(np.int64) - 1))
             if self.refine == "crf":
                 r.crf_scores = (probs[i] * allow[i, :, None, None]).cpu().numpy()
+                r.crf_params = self.crf_params
                 r.crf_values = np.arange(probs.shape[1], dtype=np.uint8)
             out.append(r)
         return out
@@ -469,9 +482,10 @@ class ClipEsLabeler(Labeler):
         opts = dict(cfg.options)
         self.pseudo = PseudoConfig(alpha=float(opts.pop("alpha", 1.0)))
         classes = resolve_classes(cfg.classes or "voc")
-        clip = load_clip(cfg.clip, device=device, precision=opts.pop("precision", "fp32"))
+        clip = load_clip(cfg.clip, device=device, precision=opts.pop("precision", "fp32"), act=cfg.clip_act,
+                         compat=cfg.compat)
         try:
-            self.impl = ClipEs(clip, classes, ClipEsConfig(**opts))
+            self.impl = ClipEs(clip, classes, ClipEsConfig(**{"compat": cfg.compat, **opts}))
         except TypeError as exc:
             raise WsclipError(f"unknown CLIP-ES option: {exc}") from None
         super().__init__(cfg, classes, device, "pytorch")
@@ -491,6 +505,7 @@ class ClipEsLabeler(Labeler):
                 r.cams = high
             if self.refine == "crf":
                 r.crf_scores = stacked
+                r.crf_params = self.crf_params
                 r.crf_values = np.concatenate([[0], keys[i] + 1]).astype(np.uint8)
             out.append(r)
         return out
@@ -554,7 +569,7 @@ def refine_result(image: np.ndarray, result: LabelResult, crf_params=None) -> La
     if result.crf_scores.shape[0] <= 1:  # background only: nothing to refine
         result.crf_scores = None
         return result
-    q = dense_crf(image, result.crf_scores, crf_params or CRFParams())
+    q = dense_crf(image, result.crf_scores, crf_params or result.crf_params or CRFParams())
     result.mask = result.crf_values[q.argmax(0)].astype(np.uint8)
     result.crf_scores = None
     return result
