@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WSCLIP_NO_PROGRESS", "1")
+if "WSCLIP_CACHE" not in os.environ:  # `--backend auto` remembers its choices there: not in the user's cache
+    import tempfile
+
+    os.environ["WSCLIP_CACHE"] = tempfile.mkdtemp(prefix="wsclip-test-cache-")
 
 from pathlib import Path  # noqa: E402
 

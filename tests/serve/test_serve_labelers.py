@@ -81,7 +81,7 @@ def test_cam_labeler_matches_cam_labeler_module(cam_ckpt):
     """Masks and CAMs equal CamLabeler.run on the same groups; missing labels come from the class scores."""
     from wsclip.label.cam_labeler import load_cam_labeler
 
-    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", batch_size=2))
+    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", batch_size=2, backend="eager"))
     assert lab.method == "cam" and lab.backend == "pytorch" and lab.classes == VOC_CLASSES
     ref = load_cam_labeler(cam_ckpt)
     rng = np.random.default_rng(1)

@@ -36,6 +36,7 @@ import torch
 
 from wsclip.errors import DatasetLayoutError, MissingFileError, WsclipError
 from wsclip.serve.labelers import LabelerConfig, LabelResult, host_image
+from wsclip.stages import stage
 from wsclip.workers import die_with_parent
 
 MANIFEST = "manifest.jsonl"
@@ -316,13 +317,21 @@ def windows(n: int, size: int) -> list[range]:
 
 def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions) -> dict:
     """Refine (CRF) and write one image's outputs atomically; returns its manifest record."""
-    from wsclip.io import atomic_write_bytes, encode_mask_png
-    from wsclip.serve.labelers import mask_annotations, refine_result
+    from wsclip.serve.labelers import refine_result
 
-    out = Path(opts.out)
     image = host_image(image) if (opts.crf or opts.overlays) and image is not None else None
     if opts.crf:
-        result = refine_result(image, result)
+        with stage("crf"):
+            result = refine_result(image, result)
+    with stage("encode"):
+        return _write_outputs(image_id, image, result, opts)
+
+
+def _write_outputs(image_id: str, image, result: LabelResult, opts: OutputOptions) -> dict:
+    from wsclip.io import atomic_write_bytes, encode_mask_png
+    from wsclip.serve.labelers import mask_annotations
+
+    out = Path(opts.out)
     mask = result.mask
     files = []
     if opts.cams and result.cams is not None:
@@ -374,10 +383,11 @@ def load_item(source: ImageSource, i: int, raw_jpeg: bool = False) -> tuple:
     """(index, id, image or JPEG bytes, labels, error message or None) of input i."""
     image_id = source.ids[i]
     try:
-        if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
-            image = p.read_bytes()
-        else:
-            image = source.load(i)
+        with stage("read"):
+            if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
+                image = p.read_bytes()
+            else:
+                image = source.load(i)
         return i, image_id, image, source.label(i), None
     except (WsclipError, OSError) as exc:
         return i, image_id, None, None, str(exc)

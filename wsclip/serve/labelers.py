@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
+from wsclip.stages import stage
 
 METHODS = ("auto", "cam", "seg", "clip-es")
 REFINEMENTS = ("none", "crf", "irn")
@@ -61,6 +62,7 @@ class LabelerConfig:
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     amp: bool = False
+    backend: str = "auto"             # PyTorch models: auto, eager, channels-last, bf16, compile (label/backends.py)
     threads: int | None = None        # ONNX Runtime intra-op threads
     classes: str | None = None        # clip-es: voc, coco or a class-list file (networks carry their own)
     options: dict = field(default_factory=dict)  # clip-es: ClipEsConfig fields, and alpha
@@ -187,6 +189,7 @@ class Labeler:
             raise WsclipError(f"unknown refinement '{cfg.refine}': use one of {', '.join(REFINEMENTS)}")
         self.refine = cfg.refine
         self.predictor = None
+        self.variant: str | None = None  # PyTorch modules: the backend variant once resolved
 
     @property
     def num_classes(self) -> int:
@@ -196,6 +199,7 @@ class Labeler:
         """Short description for logs, /health and summaries."""
         return {"method": self.method, "backend": self.backend, "device": str(self.device),
                 "classes": len(self.classes), "refine": self.refine, "batch_size": self.batch_size,
+                "variant": self.variant,
                 "predict": {_OwnScores: "cam-scores", ClipZeroShot: "clip-zero-shot"}.get(type(self.predictor), "none")}
 
     def label_batch(self, images: Sequence[np.ndarray], labels: Sequence | None = None,
@@ -273,28 +277,67 @@ def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool
     The mask is argmax over [bg, CAMs of the labelled classes] (ties to the earlier channel, so to
     the background), computed on the labelled channels only.
     """
-    out = []
-    for i in range(cams.shape[0]):
-        keys = torch.nonzero(y[i] > 0.5).flatten().to(cams.device)
-        sel = cams[i, keys]
-        if mask is not None:
-            m = mask[i]
-        elif len(keys):
-            val, idx = sel.max(dim=0)
-            m = torch.where(val > bg, (keys + 1)[idx], torch.zeros_like(idx))
-        else:
-            m = torch.zeros(cams.shape[-2:], dtype=torch.long, device=cams.device)
-        r = LabelResult(mask=m.to(torch.uint8).cpu().numpy(), keys=keys.cpu().numpy().astype(np.int64),
-                        scores=scores[i], predicted=scores[i] is not None)
-        if want_cams or want_crf:
-            sel_np = sel.float().cpu().numpy()
-            if want_cams:
-                r.cams = sel_np
-            if want_crf:
-                r.crf_scores = np.concatenate([np.full((1, *sel_np.shape[1:]), bg, np.float32), sel_np])
-                r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
-        out.append(r)
-    return out
+    picked = []
+    with stage("postprocess", cams.device):
+        for i in range(cams.shape[0]):
+            keys = torch.nonzero(y[i] > 0.5).flatten().to(cams.device)
+            sel = cams[i, keys]
+            if mask is not None:
+                m = mask[i]
+            elif len(keys):
+                val, idx = sel.max(dim=0)
+                m = torch.where(val > bg, (keys + 1)[idx], torch.zeros_like(idx))
+            else:
+                m = torch.zeros(cams.shape[-2:], dtype=torch.long, device=cams.device)
+            picked.append((keys, sel, m.to(torch.uint8)))
+    with stage("d2h", cams.device):
+        return [_cam_result(keys, sel, m, bg, want_cams, want_crf, s) for (keys, sel, m), s in zip(picked, scores)]
+
+
+def _cam_result(keys, sel, m, bg, want_cams, want_crf, score) -> LabelResult:
+    """One image's LabelResult on the host from its device tensors."""
+    r = LabelResult(mask=m.cpu().numpy(), keys=keys.cpu().numpy().astype(np.int64),
+                    scores=score, predicted=score is not None)
+    if want_cams or want_crf:
+        sel_np = sel.float().cpu().numpy()
+        if want_cams:
+            r.cams = sel_np
+        if want_crf:
+            r.crf_scores = np.concatenate([np.full((1, *sel_np.shape[1:]), bg, np.float32), sel_np])
+            r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
+    return r
+
+
+class _VariantSlot:
+    """The backend variant of a labeler's PyTorch module, resolved on its first batch (`--backend auto`
+    probes there on the CPU; see wsclip.serve.autobackend)."""
+
+    def __init__(self, lab: Labeler, options: dict):
+        from wsclip.label.backends import check_backend
+
+        self.lab, self.options = lab, options
+        self.name = check_backend(lab.cfg.backend)
+        self.variant = None
+        self.report = None
+
+    def get(self, x: torch.Tensor):
+        if self.variant is None:
+            from wsclip.serve.autobackend import cache_key, resolve
+
+            lab = self.lab
+            names, bg = lab.module.output_names, getattr(lab, "bg", None)
+
+            def scores_of(ref):  # what the mask is the argmax of (near-ties are not counted as mismatches)
+                from wsclip.export.parity import decision_scores
+
+                return decision_scores({"model": "seg" if "probs" in ref else "camnet",
+                                        "config": {"bg_threshold": bg}}, ref)
+
+            key = cache_key(lab.cfg.model, {**self.options, "method": lab.method}, lab.device)
+            self.variant, self.report = resolve(self.name, lab.module, lab.device, lab.cfg.amp, key,
+                                                lambda: x[:1], names, scores_of)
+            lab.variant = self.variant.name
+        return self.variant
 
 
 # ============================================================================ CAM network
@@ -332,6 +375,7 @@ class CamNetLabeler(Labeler):
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = False  # same algorithms every run: reproducible masks
         super().__init__(cfg, classes, device, backend)
+        self._variants = _VariantSlot(self, {"scales": list(cfg.scales), "flip": cfg.flip, "bg": self.bg})
         self.irn = None
         if self.refine == "irn":
             if self.module is None:
@@ -346,15 +390,15 @@ class CamNetLabeler(Labeler):
     def _cams(self, x: torch.Tensor, want_scores: bool):
         """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None)."""
         if self.module is None:
-            out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
-            return torch.from_numpy(out["cams"]).to(self.device), None
+            with stage("forward", self.device):
+                out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
+                return torch.from_numpy(out["cams"]).to(self.device), None
+        variant = self._variants.get(x)
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
-                   else torch.autocast(self.device.type, enabled=False))
-            with torch.inference_mode(), ctx:
-                cams, _ = self.module(x, None)
+            with stage("forward", self.device):
+                cams, _ = variant(x, None, eager=want_scores)  # hooks need the uncompiled module
         finally:
             if hook is not None:
                 hook.remove()
@@ -362,12 +406,14 @@ class CamNetLabeler(Labeler):
         return cams.float(), scores
 
     def _run_group(self, images, labels, want_cams):
-        x = _stack(images, self.device)
+        with stage("h2d", self.device):
+            x = _stack(images, self.device)
         need_pred = self.needs_labels and any(lab is None for lab in labels)
         cams, own = self._cams(x, want_scores=need_pred and isinstance(self.predictor, _OwnScores))
-        y_np, scores = self._fill_labels(images, labels, own)
-        y = torch.from_numpy(y_np).to(cams.device)
-        mask = self._irn_mask(x, cams, y) if self.irn is not None else None
+        with stage("postprocess", self.device):
+            y_np, scores = self._fill_labels(images, labels, own)
+            y = torch.from_numpy(y_np).to(cams.device)
+            mask = self._irn_mask(x, cams, y) if self.irn is not None else None
         return _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask)
 
     def _irn_mask(self, x: torch.Tensor, cams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -418,25 +464,30 @@ class SegNetLabeler(Labeler):
         if cfg.refine == "irn":
             raise WsclipError("--refine irn applies to CAM networks; use --refine crf or none with a segmentation network")
         super().__init__(cfg, classes, device, backend)
+        self._variants = _VariantSlot(self, {"scales": list(cfg.scales), "flip": cfg.flip})
 
     def _run_group(self, images, labels, want_cams):
-        x = _stack(images, self.device)
-        if self.module is None:
-            probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
-        else:
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
-                   else torch.autocast(self.device.type, enabled=False))
-            with torch.inference_mode(), ctx:
-                probs, _ = self.module(x)
-            probs = probs.float()
-        allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
-        for i, lab in enumerate(labels):
-            if lab is not None:
-                allow[i, 1:] = torch.from_numpy(lab > 0.5).to(probs.device)
-        masked = torch.where(allow[:, :, None, None], probs, torch.full_like(probs, -1.0))
-        mask = masked.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        with stage("h2d", self.device):
+            x = _stack(images, self.device)
+        with stage("forward", self.device):
+            if self.module is None:
+                probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
+            else:
+                probs = self._variants.get(x)(x)[0].float()
+        with stage("postprocess", self.device):
+            allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
+            for i, lab in enumerate(labels):
+                if lab is not None:
+                    allow[i, 1:] = torch.from_numpy(lab > 0.5).to(probs.device)
+            masked = torch.where(allow[:, :, None, None], probs, torch.full_like(probs, -1.0))
+            mask = masked.argmax(dim=1).to(torch.uint8)
+        with stage("d2h", self.device):
+            mask = mask.cpu().numpy()
+            return self._seg_results(probs, allow, mask, len(images))
+
+    def _seg_results(self, probs, allow, mask, n) -> list[LabelResult]:
         out = []
-        for i in range(len(images)):
+        for i in range(n):
             keys = np.unique(mask[i])
             r = LabelResult(mask=mask[i], keys=(keys[keys > 0].astype(np.int64) - 1))
             if self.refine == "crf":
