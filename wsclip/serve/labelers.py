@@ -522,6 +522,11 @@ class ClipEsLabeler(Labeler):
         self.pseudo = PseudoConfig(alpha=float(opts.pop("alpha", 1.0)))
         classes = resolve_classes(cfg.classes or "voc")
         clip = load_clip(cfg.clip, device=device)
+        compute = {"auto": "auto", "eager": "fp32", "bf16": "bf16"}.get(cfg.backend)
+        if compute is None:
+            raise WsclipError(f"--backend {cfg.backend} does not apply to clip-es (GradCAM needs PyTorch autograd): "
+                              "use auto, eager (fp32) or bf16")
+        opts.setdefault("compute", compute)
         try:
             self.impl = ClipEs(clip, classes, ClipEsConfig(**opts))
         except TypeError as exc:
@@ -533,9 +538,15 @@ class ClipEsLabeler(Labeler):
         y, scores = self._fill_labels(images, labels)
         keys = [np.nonzero(y[i] > 0.5)[0].astype(np.int64) for i in range(len(images))]
         items = self.impl.label([host_image(im) for im in images], [k.tolist() for k in keys])
+        self.variant = self.impl.compute
+        with stage("d2h", self.device):
+            highs = [item["high_res"].float().cpu().numpy() for item in items]  # (K', H, W) each
+        with stage("postprocess"):
+            return self._clip_es_results(highs, keys, scores, want_cams)
+
+    def _clip_es_results(self, highs, keys, scores, want_cams) -> list[LabelResult]:
         out = []
-        for i, item in enumerate(items):
-            high = item["high_res"].float().cpu().numpy()  # (K', H, W)
+        for i, high in enumerate(highs):
             stacked = stack_scores(high, self.pseudo)
             mask = scores_to_mask(stacked, keys[i])
             r = LabelResult(mask=mask, keys=keys[i], scores=scores[i], predicted=scores[i] is not None)
