@@ -586,8 +586,10 @@ def _add_label(sub):
     p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
     p.add_argument("--rle", action="store_true", help="also write annotations.json (COCO-style RLE)")
     p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
-    p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
+    p.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: 0 on the CPU, "
+                                               "where one reader thread overlaps decoding with compute; 2 on CUDA)")
+    p.add_argument("--post-workers", type=int, help="refinement / encoding workers (0: main thread; default 1 on "
+                                                    "the CPU, 2 on CUDA)")
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: nvJPEG on CUDA, else PIL")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="a bad image: skip it (errors.json) or stop")
     p.add_argument("--limit", type=int, help="only the first N images")

@@ -12,6 +12,7 @@ the CPU, eager on CUDA (bf16 with --amp).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 
@@ -73,3 +74,19 @@ class Variant:
 
     def __repr__(self) -> str:
         return f"Variant({self.name!r}, {self.device})"
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to `n` inside the block (restored after). For the light torch work
+    around an ONNX Runtime / TensorRT network: ORT's own thread pool and torch's OpenMP threads,
+    both spinning on the same cores, slow each other down several times on a small CPU."""
+    old = torch.get_num_threads()
+    if n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,9 +1,9 @@
 """`wsclip label`: label a folder, glob, list file or VOC/COCO split with any labeler, pipelined and resumable.
 
-Pipeline: DataLoader workers decode images (or, on CUDA, read JPEG bytes for nvJPEG decoding on
-the GPU) -> the main thread runs the labeler on windows of images -> refinement (CRF) and file
-encoding (palette PNG, CAM .npz, overlay) run in a worker pool while the next window is on the
-device. Outputs, under --out:
+Pipeline: a reader thread (CPU) or DataLoader workers (CUDA) decode images (or, on CUDA, read
+JPEG bytes for nvJPEG decoding on the GPU) -> the main thread runs the labeler on windows of
+images -> refinement (CRF) and file encoding (palette PNG, CAM .npz, overlay) run in a worker
+pool while the next window is on the device (`plan_workers` sets the thread budget). Outputs, under --out:
 
     <id>.png                palette mask (0 background, k class k, 255 ignore)
     cams/<id>.npz           with --cams: keys, cam (stride 4), high_res (the `wsclip cam` format)
@@ -26,10 +26,11 @@ import json
 import os
 import time
 from collections import deque
+from itertools import islice
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -448,8 +449,8 @@ class LabelRunConfig:
 
     out: Path
     window: int | None = None         # images per window (default 4 batches)
-    workers: int = 2                  # DataLoader decode workers
-    post_workers: int = 2             # refinement / encoding workers (0: in the main thread)
+    workers: int | None = None        # DataLoader decode processes (None: `plan_workers`; 0: a reader thread)
+    post_workers: int | None = None   # refinement / encoding workers (None: `plan_workers`; 0: the main thread)
     on_error: str = "skip"
     cams: bool = False
     overlays: bool = False
@@ -508,6 +509,35 @@ def _prepare_out(out: Path, settings: dict, restart: bool):
 
     atomic_write_json(cfg_path, settings)
     return lock
+
+
+def plan_workers(run: LabelRunConfig, device: torch.device, crf: bool) -> tuple[int, int]:
+    """(decode processes, refinement/encoding workers): the thread budget of a run.
+
+    On the CPU the network's threads already use every core; decode processes and an encoding
+    pool beside them oversubscribe the cores (every oversubscribed OpenMP region waits for its
+    slowest thread). So decoding runs in one reader thread of this process (PIL and zlib release
+    the GIL: it overlaps compute without an extra process) and encoding in one thread (its fsync
+    waits overlap too); a CRF pool gets one process. On CUDA the CPU is free for them: 2 decode
+    processes and 2 workers. Values given in `run` are kept.
+    """
+    cpu = device.type == "cpu"
+    workers = run.workers if run.workers is not None else (0 if cpu else 2)
+    post = run.post_workers if run.post_workers is not None else (1 if cpu else 2)
+    return max(0, int(workers)), max(0, int(post))
+
+
+def _read_ahead(source: ImageSource, order: Sequence[int], raw_jpeg: bool, ahead: int) -> Iterator[tuple]:
+    """load_item over `order` in one reader thread, up to `ahead` items in advance (overlaps decoding)."""
+    todo = iter(order)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsclip-read") as reader:
+        pending = deque(reader.submit(load_item, source, i, raw_jpeg) for i in islice(todo, max(1, ahead)))
+        while pending:
+            item = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(reader.submit(load_item, source, nxt, raw_jpeg))
+            yield item
 
 
 def _make_pool(n: int, crf: bool) -> Executor | None:
@@ -587,11 +617,15 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
                          crf=labeler.refine == "crf")
     gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
-    loader = torch.utils.data.DataLoader(
-        _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
-        collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
-        prefetch_factor=(2 * window // max(1, run.workers) + 1) if run.workers > 0 else None)
-    pool = _make_pool(run.post_workers, opts.crf)
+    workers, post_workers = plan_workers(run, labeler.device, opts.crf)
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(
+            _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
+            prefetch_factor=2 * window // workers + 1)
+    else:
+        loader = _read_ahead(source, order, gpu_jpeg, ahead=window)
+    pool = _make_pool(post_workers, opts.crf)
     pending: deque[tuple[str, Future | dict]] = deque()
     counts = {"labelled": 0, "errors": 0}
     failure: list[str] = []
@@ -620,7 +654,7 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
             if counts["errors"]:
                 bar.set_postfix(errors=counts["errors"])
 
-    limit = max(2 * window, 4 * max(1, run.post_workers))
+    limit = max(2 * window, 4 * max(1, post_workers))
     try:
         it = iter(loader)
         for w in wins:
@@ -648,6 +682,8 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
         settle(keep=0)
     finally:
         bar.close()
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            loader.close()  # the reader thread stops
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     if failure and run.on_error == "fail":

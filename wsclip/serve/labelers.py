@@ -212,10 +212,20 @@ class Labeler:
             raise ShapeError(f"{len(labels)} label vectors for {len(images)} images")
         labels = [self._check_labels(y) for y in labels]
         out: list[LabelResult | None] = [None] * len(images)
-        for idx in plan_batches([image_hw(im) for im in images], self.batch_size):
-            for i, r in zip(idx, self._run_group([images[i] for i in idx], [labels[i] for i in idx], want_cams)):
-                out[i] = r
+        with self._threads():
+            for idx in plan_batches([image_hw(im) for im in images], self.batch_size):
+                for i, r in zip(idx, self._run_group([images[i] for i in idx], [labels[i] for i in idx], want_cams)):
+                    out[i] = r
         return out  # type: ignore[return-value]
+
+    def _threads(self):
+        """One torch thread around an exported network on the CPU (its runtime has its own pool)."""
+        import contextlib
+
+        from wsclip.label.backends import torch_threads
+
+        exported = getattr(self, "runner", None) is not None and self.device.type == "cpu"
+        return torch_threads(1) if exported else contextlib.nullcontext()
 
     def warmup(self, hw: tuple[int, int] = (64, 64)) -> None:
         """One run on a blank image so the first request pays no lazy initialisation."""
