@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
+from wsclip.label.backends import Variant
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
 from wsclip.stages import stage
 
@@ -344,10 +345,30 @@ class _VariantSlot:
                                         "config": {"bg_threshold": bg}}, ref)
 
             key = cache_key(lab.cfg.model, {**self.options, "method": lab.method}, lab.device)
-            self.variant, self.report = resolve(self.name, lab.module, lab.device, lab.cfg.amp, key,
-                                                lambda: x[:1], names, scores_of)
-            lab.variant = self.variant.name
+            chosen, self.report = resolve(self.name, lab.module, lab.device, lab.cfg.amp, key, lambda: x[:1],
+                                          names, scores_of, make_onnx=self._export)
+            if isinstance(chosen, Variant):
+                self.variant, lab.variant = chosen, chosen.name
+            else:  # ONNX Runtime won: it runs the network; the module stays for class-score prediction
+                self.variant, lab.runner, lab.variant = Variant(lab.module, "eager", lab.device), chosen, "onnxruntime"
         return self.variant
+
+    def _export(self) -> Path:
+        """The labeler's checkpoint exported to ONNX once, into the cache (reused while the file is unchanged)."""
+        import hashlib
+        import json
+
+        from wsclip.export.onnx import export_onnx
+        from wsclip.io import cache_dir, file_sha256
+
+        lab = self.lab
+        opts = {"scales": tuple(lab.cfg.scales), "flip": lab.cfg.flip}
+        if lab.method == "cam":
+            opts["bg_threshold"] = lab.bg
+        tag = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+        path = cache_dir() / "onnx" / f"{file_sha256(lab.cfg.model)[:16]}_{lab.method}_{tag}.onnx"
+        export_onnx({"cam": "camnet", "seg": "seg"}[lab.method], lab.cfg.model, path, overwrite=False, **opts)
+        return path
 
 
 # ============================================================================ CAM network
@@ -399,11 +420,11 @@ class CamNetLabeler(Labeler):
 
     def _cams(self, x: torch.Tensor, want_scores: bool):
         """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None)."""
-        if self.module is None:
+        variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
+        if self.runner is not None and not want_scores:
             with stage("forward", self.device):
                 out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
                 return torch.from_numpy(out["cams"]).to(self.device), None
-        variant = self._variants.get(x)
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
@@ -479,11 +500,12 @@ class SegNetLabeler(Labeler):
     def _run_group(self, images, labels, want_cams):
         with stage("h2d", self.device):
             x = _stack(images, self.device)
+        variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
         with stage("forward", self.device):
-            if self.module is None:
+            if self.runner is not None:
                 probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
             else:
-                probs = self._variants.get(x)(x)[0].float()
+                probs = variant(x)[0].float()
         with stage("postprocess", self.device):
             allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
             for i, lab in enumerate(labels):
