@@ -48,13 +48,13 @@ def test_profile_cam_net_eager_and_onnxruntime_with_trace(models, tmp_path):
     pytest.importorskip("onnxruntime")
     trace = tmp_path / "trace.json"
     cfg = ProfileConfig(LabelerConfig(model=str(models / "cam.safetensors"), device="cpu"), n=5, batch_sizes=(1, 2),
-                        backends=("eager", "onnxruntime", "tensorrt"), size=(40, 56), trace=trace)
+                        backends=("eager", "onnxruntime", "tensorrt"), size=(72, 96), trace=trace)
     res = profile(cfg)
     assert [(r["backend"], r["batch"]) for r in res["runs"]] == [("eager", 1), ("eager", 2), ("onnxruntime", 1),
                                                                   ("onnxruntime", 2)]
     assert [r["steps"] for r in res["runs"]] == [5, 3, 5, 3]
     for run in res["runs"]:
-        _check_run(run, {"read", "h2d", "forward", "postprocess", "d2h", "encode"})
+        _check_run(run, {"read", "preprocess", "h2d", "forward", "postprocess", "d2h", "encode"})
     assert res["runs"][2]["backend_impl"] == "onnxruntime"
     assert any(s["backend"] == "tensorrt" for s in res["skipped"])
     events = json.loads(trace.read_text())
