@@ -21,7 +21,7 @@ DESCRIPTION = ("JPEG files to palette PNG masks with a CAM network and image-lev
 
 SETUPS = {
     "gpu": dict(backbone="resnet50", counts=(112,), side=None, batch=16, scales=(1.0, 0.5, 1.5, 2.0), flip=True),
-    "cpu": dict(backbone="resnet50", counts=(4, 14, 42), side=None, batch=4, scales=(1.0,), flip=False),
+    "cpu": dict(backbone="resnet50", counts=(4, 14), side=None, batch=4, scales=(1.0,), flip=False),
     "cpu_quick": dict(backbone="resnet50", counts=(4,), side=224, batch=2, scales=(1.0,), flip=False),
     "tiny": dict(backbone="tiny", counts=(4,), side=64, batch=2, scales=(1.0,), flip=False),
 }

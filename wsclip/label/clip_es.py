@@ -39,9 +39,10 @@ COMPUTE = ("auto", "fp32", "bf16")
 #: relative error (L2) of bf16 GradCAM and CAA maps against fp32 that `compute="auto"` accepts: the
 #: low-precision tolerance of the clip-es-label benchmark check
 BF16_TOLERANCE = 5e-2
-#: images per ViT pass on the CPU: at VOC sizes (1000+ tokens) one image already fills the cores, and a
-#: batch only multiplies the memory (attention maps, the last block's activations per class)
-CPU_MICRO_BATCH = 1
+#: patch tokens per ViT pass on the CPU: at VOC sizes (1000+ tokens) one image already fills the cores and
+#: a batch only multiplies the memory (attention maps, the last block's activations per class); small
+#: images are still batched up to this many tokens
+CPU_TOKENS_PER_PASS = 1024
 
 
 @dataclass
@@ -243,7 +244,10 @@ class ClipEs:
 
         Returns per image {"keys", "cam", "high_res"[, "high_res_raw"]} as float32 tensors on the device.
         """
-        step = len(images) if self.device.type == "cuda" else CPU_MICRO_BATCH
+        step = len(images)
+        if self.device.type == "cpu" and len(images):
+            h, w = rounded_size(images[0].shape[:2], self.patch)
+            step = max(1, CPU_TOKENS_PER_PASS // ((h // self.patch) * (w // self.patch)))
         out: list[dict] = []
         for s0 in range(0, len(images), step):
             out += self._label(images[s0:s0 + step], keys[s0:s0 + step])

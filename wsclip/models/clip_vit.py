@@ -80,6 +80,9 @@ def check_vit(visual) -> None:
                               "attentional pooling); use a plain OpenAI/open_clip ViT")
 
 
+MAP_CHUNK_BYTES = 16 * 2**20  # float32 attention probabilities computed at once (a ViT-B/16 head at 513 px: 4.7 MB)
+
+
 def _attention(blk, q_in: torch.Tensor, want_map: bool):
     """Self-attention of a ResidualAttentionBlock on its ln_1 output; returns (output, head-mean map or None)."""
     attn = blk.attn
@@ -88,14 +91,17 @@ def _attention(blk, q_in: torch.Tensor, want_map: bool):
     qkv = F.linear(q_in, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
     amap = None
-    if want_map:  # one head at a time: the (B, N, N) maps of all heads never exist at once
+    if want_map:  # heads in chunks of at most MAP_CHUNK_BYTES of float32 maps: all heads' maps never exist at once
         scale = (c // heads) ** -0.5
+        step = max(1, MAP_CHUNK_BYTES // (4 * b * n * n))
         outs = []
-        for hd in range(heads):
-            probs = ((q[:, hd].float() * scale) @ k[:, hd].float().transpose(-2, -1)).softmax(dim=-1)
-            outs.append(probs.to(v.dtype) @ v[:, hd])
-            amap = probs.detach().clone() if amap is None else amap.add_(probs.detach())
-        out = torch.stack(outs, dim=1)
+        for h0 in range(0, heads, step):
+            hs = slice(h0, h0 + step)
+            probs = ((q[:, hs].float() * scale) @ k[:, hs].float().transpose(-2, -1)).softmax(dim=-1)
+            outs.append(probs.to(v.dtype) @ v[:, hs])
+            part = probs.detach().sum(dim=1)
+            amap = part if amap is None else amap.add_(part)
+        out = torch.cat(outs, dim=1)
         amap = amap.div_(heads)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
