@@ -6,10 +6,13 @@ interpolated positional embeddings, every block but the last without gradients; 
 plus the background words; GradCAM of each class's probability at the last block's ln_1 output;
 CAA refinement with the attention of the last 8 blocks (two thirds for shallower ViTs).
 
-Differences from the public code (same maths): every ground-truth class of every image in a
-batch comes from ONE batched vector-Jacobian product (`is_grads_batched`: slot k of the batch
-holds each image's k-th class), several images of the same rounded size share one forward
-(bucketing by shape), and everything stays on the device until the CAM file is written.
+Differences from the public code (same maths): one forward for every class (the public code
+runs the last block once per class); on CUDA every ground-truth class of every image in a batch
+comes from ONE batched vector-Jacobian product (`is_grads_batched`: slot k of the batch holds
+each image's k-th class), on the CPU one VJP per slot (the batched one holds a copy of every
+attention gradient per slot: memory); several images of the same rounded size share one
+forward (bucketing by shape; on the CPU up to CPU_TOKENS_PER_PASS tokens), attention maps are
+averaged in place, and everything stays on the device until the CAM file is written.
 
 CAM file (`<id>.npz`, shared with `wsclip.label.clims_cam`): "keys" (K',) int64 0-based classes,
 "cam" (K', h, w) float16 at patch resolution, "high_res" (K', H, W) float16 at image size; with
@@ -214,7 +217,11 @@ class ClipEs:
                 onehot = torch.zeros(S, B, probs.shape[1], device=self.device, dtype=probs.dtype)
                 b_idx, s_idx = torch.nonzero(valid, as_tuple=True)
                 onehot[s_idx, b_idx, keys[b_idx, s_idx]] = 1.0
-                (grads,) = torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot, is_grads_batched=True)
+                if self.device.type == "cuda":
+                    (grads,) = torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot, is_grads_batched=True)
+                else:  # one slot at a time: the batched VJP holds S copies of every attention gradient at once
+                    grads = torch.stack([torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot[k],
+                                                             retain_graph=k < S - 1)[0] for k in range(S)])
                 acts = trace.ln1.detach()[:, 1:].float()  # (B, N, C)
                 weights = grads[:, :, 1:].float().mean(dim=2)  # (S, B, C): spatial mean of each channel's gradient
                 cam = torch.einsum("sbc,bnc->bsn", weights, acts).clamp_min(0).reshape(B, S, h, w)
