@@ -210,11 +210,11 @@ def _step(labeler, source, idx, opts, device, recorder) -> tuple[float, dict]:
     t0 = time.perf_counter()
     with recorder.active(), torch.profiler.record_function("wsclip.step"):
         items = [load_item(source, i) for i in idx]
-        labelled, errors = label_window(labeler, items, want_cams=opts.cams)
+        labelled, errors = label_window(labeler, items, want_cams=opts.wants_cams)
         if errors:
             raise WsclipError(f"{errors[0]['id']}: {errors[0]['error']}")
         for image_id, image, result in labelled:
-            finish_image(image_id, image, result, opts)
+            finish_image(image_id, image, result, opts, source.file_of(image_id))
     _sync(device)
     return time.perf_counter() - t0, recorder.collect()
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import ShapeError, WsclipError
+from wsclip.runtime import precision
 from wsclip.stages import stage
 
 __all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
@@ -165,8 +166,13 @@ class ClipEs:
         """Batched CLIP-ES at patch resolution for pixels (B, 3, H', W') and keys (B, S) (-1 = empty slot).
 
         Returns {"raw": GradCAM (B, S, h, w) min-max normalised, "refined": CAA maps (B, S, h, w) or
-        None, "probs": (B, K + L)}; empty slots hold zeros.
+        None, "probs": (B, K + L)}; empty slots hold zeros. Runs at wsclip's inference precision
+        (`wsclip.runtime.precision`: fp32 without TF32 on CUDA; the CLIP weights' dtype as loaded).
         """
+        with precision(self.device):
+            return self._forward(pixels, keys)
+
+    def _forward(self, pixels: torch.Tensor, keys: torch.Tensor) -> dict:
         if keys.dim() != 2 or keys.shape[0] != pixels.shape[0]:
             raise ShapeError(f"keys must be (B, S) for {pixels.shape[0]} images, got {tuple(keys.shape)}")
         K = self.fg_text.shape[0]
@@ -175,7 +181,7 @@ class ClipEs:
         keys = keys.to(self.device)
         if self.compute is None:
             self.compute = self._choose_compute()
-        return self._forward(pixels, keys, self.compute)
+        return self._run(pixels, keys, self.compute)
 
     def _choose_compute(self) -> str:
         """`compute="auto"`: bf16 on a CPU that runs it natively (where the clip-es-label benchmark and
@@ -194,7 +200,7 @@ class ClipEs:
         runs = {}
         for mode in ("fp32", "bf16"):
             t = time.perf_counter()
-            runs[mode] = (self._forward(pixels, keys, mode), time.perf_counter() - t)
+            runs[mode] = (self._run(pixels, keys, mode), time.perf_counter() - t)
         (ref, t32), (low, t16) = runs["fp32"], runs["bf16"]
         errs = {k: float((low[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))
                 for k in ("raw", "refined") if ref[k] is not None}
@@ -202,7 +208,7 @@ class ClipEs:
         self.probe = {"seconds": {"fp32": t32, "bf16": t16}, "rel_err": errs, "bf16_ok": ok}
         return "bf16" if ok else "fp32"
 
-    def _forward(self, pixels: torch.Tensor, keys: torch.Tensor, compute: str) -> dict:
+    def _run(self, pixels: torch.Tensor, keys: torch.Tensor, compute: str) -> dict:
         B, S = keys.shape
         with stage("forward", self.device):
             trace = self.clip.vit_forward(pixels, attn_layers=self.attn_layers, attn_mean=True,
@@ -316,7 +322,10 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, n):
-        item = self.dataset[self.indices[n]]
+        try:
+            item = self.dataset[self.indices[n]]
+        except WsclipError as exc:  # a bad image is skipped into errors.json; the run goes on
+            return {"id": self.dataset.ids[self.indices[n]], "error": str(exc)}
         keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten().tolist()
         image = np.asarray(item["image"])
         image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
@@ -365,8 +374,10 @@ def make_clip_es_cams(
     """Write `<out_dir>/<id>.npz` CLIP-ES CAMs for every image of `data` (a spec or a dataset); resumes.
 
     clip: a checkpoint path (loaded with `wsclip.models.clip.load_clip`) or a ClipModel. Images whose
-    file exists are skipped. Returns {"written", "skipped", "total"}.
+    file exists are skipped; a bad image is skipped into <out_dir>/errors.json. Returns {"written",
+    "skipped", "failed", "total"}.
     """
+    from wsclip.io import write_errors
     from wsclip.progress import progress
     from wsclip.train.loop import resolve_device
 
@@ -391,9 +402,17 @@ def make_clip_es_cams(
     skipped = len(ds) - len(todo)
     loader = torch.utils.data.DataLoader(_Decoded(ds, todo), batch_size=None, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity)
-    written = 0
+    written, failed = 0, []
     bar = progress(total=len(todo), desc="cam clip-es", unit="img")
     pending: list = []
+
+    def decoded():
+        for it in loader:
+            if "error" in it:
+                failed.append((it["id"], it["error"]))
+                bar.update(1)
+            else:
+                yield it
 
     def drain(wait_for: int = 0) -> None:
         """Collect finished writes (and wait for the oldest until at most `wait_for` remain)."""
@@ -411,7 +430,7 @@ def make_clip_es_cams(
         pending[:] = keep
 
     with ThreadPoolExecutor(max_workers=2) as writers:  # zlib releases the GIL: writes overlap compute
-        for batch in bucket_by_shape(loader, lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
+        for batch in bucket_by_shape(decoded(), lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
                                      cfg.batch_size):
             results = labeler.label([it["image"] for it in batch], [it["keys"] for it in batch])
             for it, res in zip(batch, results):
@@ -420,7 +439,8 @@ def make_clip_es_cams(
             drain(wait_for=2 * cfg.batch_size)
         drain(wait_for=0)
     bar.close()
-    return {"written": written, "skipped": skipped, "total": len(ds)}
+    write_errors(out, failed)
+    return {"written": written, "skipped": skipped, "failed": failed, "total": len(ds)}
 
 
 

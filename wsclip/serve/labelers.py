@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
 from wsclip.label.backends import Variant
+from wsclip.runtime import precision
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
 from wsclip.stages import stage
 
@@ -442,7 +443,7 @@ class CamNetLabeler(Labeler):
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
-            with stage("forward", self.device):
+            with stage("forward", self.device), precision(self.device):  # the variant sets its own autocast
                 cams, _ = variant(x, None, eager=want_scores)  # hooks need the uncompiled module
         finally:
             if hook is not None:
@@ -519,7 +520,8 @@ class SegNetLabeler(Labeler):
             if self.runner is not None:
                 probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
             else:
-                probs = variant(x)[0].float()
+                with precision(self.device):  # the variant sets its own autocast
+                    probs = variant(x)[0].float()
         with stage("postprocess", self.device):
             allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
             for i, lab in enumerate(labels):
@@ -648,8 +650,13 @@ def detect_method(model) -> str:
             raise BadFileError(f"{side} is not valid JSON: {exc}") from None
     names = {"camnet": "cam", "seg": "seg"}
     if kind not in names:
-        raise CheckpointError(f"{path} is a '{kind}' model; `wsclip label` takes a CAM network or a segmentation "
-                              "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")
+        from wsclip.io import describe_file
+
+        what = f"an exported '{kind}' model" if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES \
+            else describe_file(path)
+        raise CheckpointError(f"{path} is {what}; `wsclip label` and `wsclip serve` take a CAM network or a "
+                              "segmentation network (checkpoint .safetensors with its .json sidecar, .onnx or "
+                              "TensorRT engine), or --method clip-es --clip FILE")
     return names[kind]
 
 
