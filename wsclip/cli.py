@@ -295,6 +295,9 @@ def _add_cam(sub):
     p.add_argument("--clip-act", choices=("quick_gelu", "gelu"),
                    help="[clip-es] CLIP activation when the file cannot tell (OpenAI weights: quick_gelu)")
     _compat_arg(p)
+    p.add_argument("--compute", choices=("auto", "fp32", "bf16"),
+                   help="[clip-es] ViT blocks before the last: auto = bf16 on CPUs that run it natively when its "
+                        "maps match fp32 (a fixed probe image), else fp32; --compat official: fp32)")
     p.set_defaults(func=_run_cam)
 
 
@@ -323,7 +326,7 @@ def _run_cam(args):
         cfg = ClipEsConfig(caa=not args.no_caa, box_threshold=args.box_threshold, template=args.template,
                            batch_size=args.batch_size, pooling=args.pooling, caa_layers=args.caa_layers,
                            box_compat=args.box_compat or None, backend=args.backend, compat=args.compat,
-                           logit_scale=args.logit_scale, clip_act=args.clip_act)
+                           logit_scale=args.logit_scale, clip_act=args.clip_act, compute=args.compute)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers)
         print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
@@ -558,8 +561,9 @@ def _run_export_trt(args):
 
 
 # ============================================================================ label / serve
-def _labeler_args(p):
-    """Flags that build a labeler (wsclip.serve.labelers.LabelerConfig), shared by `label` and `serve`."""
+def _labeler_args(p, profile: bool = False):
+    """Flags that build a labeler (wsclip.serve.labelers.LabelerConfig), shared by `label`, `serve` and
+    `profile` (which takes lists: --batch-sizes and --backends instead of --batch-size and --backend)."""
     p.add_argument("--model", help="CAM or segmentation network: checkpoint (.safetensors), .onnx or TensorRT engine")
     p.add_argument("--method", choices=("auto", "cam", "seg", "clip-es"), default="auto",
                    help="auto: from the model file; clip-es needs --clip")
@@ -574,7 +578,12 @@ def _labeler_args(p):
     p.add_argument("--bg-threshold", type=float, help="CAM background threshold (default the model's, 0.15)")
     p.add_argument("--scales", default="1.0", help="comma-separated test scales (CAM/seg PyTorch backend)")
     p.add_argument("--flip", action="store_true", help="add horizontal-flip views")
-    p.add_argument("--batch-size", type=int, default=8, help="largest batch the network runs")
+    if not profile:
+        p.add_argument("--batch-size", type=int, default=8, help="largest batch the network runs")
+        p.add_argument("--backend", choices=("auto", "eager", "channels-last", "bf16", "compile"), default="auto",
+                       help="how a PyTorch checkpoint runs: auto = on the CPU the fastest variant whose outputs "
+                            "match eager fp32 (measured once, remembered); eager on CUDA (bf16 with --amp). "
+                            "ONNX Runtime / TensorRT: pass a .onnx / engine as --model")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (PyTorch backend)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch / ONNX Runtime")
@@ -592,11 +601,12 @@ def _labeler_config(args):
         raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
     if not scales or min(scales) <= 0:
         raise WsclipError(f"--scales must be positive numbers, got '{args.scales}'")
-    return LabelerConfig(model=args.model, method=args.method, device=args.device, batch_size=args.batch_size,
-                         refine=args.refine, irn=args.irn, predict=args.predict, clip=args.clip,
-                         label_threshold=args.label_threshold, bg_threshold=args.bg_threshold, scales=scales,
-                         flip=args.flip, amp=args.amp, threads=args.threads, classes=args.classes,
-                         compat=args.compat, clip_act=args.clip_act)
+    return LabelerConfig(model=args.model, method=args.method, device=args.device,
+                         batch_size=getattr(args, "batch_size", 8), refine=args.refine, irn=args.irn,
+                         predict=args.predict, clip=args.clip, label_threshold=args.label_threshold,
+                         bg_threshold=args.bg_threshold, scales=scales, flip=args.flip, amp=args.amp,
+                         backend=getattr(args, "backend", "auto"), threads=args.threads, classes=args.classes,
+                         compat=getattr(args, "compat", "wsclip"), clip_act=getattr(args, "clip_act", None))
 
 
 def _add_label(sub):
@@ -615,8 +625,10 @@ def _add_label(sub):
     p.add_argument("--review-first", type=int, metavar="N",
                    help="after the run, list the N masks with the worst quality score (`wsclip review` shows them)")
     p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
-    p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
+    p.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: 0 on the CPU, "
+                                               "where one reader thread overlaps decoding with compute; 2 on CUDA)")
+    p.add_argument("--post-workers", type=int, help="refinement / encoding workers (0: main thread; default 1 on "
+                                                    "the CPU, 2 on CUDA)")
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: nvJPEG on CUDA, else PIL")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="a bad image: skip it (errors.json) or stop")
     p.add_argument("--limit", type=int, help="only the first N images")
@@ -654,6 +666,45 @@ def _run_label(args):
 
         print(LabeledFolder(args.out).worst_table(args.review_first))
     return 1 if summary["errors"] and args.on_error == "fail" else 0
+
+
+def _add_profile(sub):
+    p = sub.add_parser("profile", help="per-stage latency (p50/p95/p99, share), throughput, peak memory and the "
+                                       "bottleneck of a labeler on every installed backend; --trace for Perfetto")
+    _labeler_args(p, profile=True)
+    p.add_argument("--images", help="images as `wsclip label` takes them (default: random JPEGs of --size)")
+    p.add_argument("--split", help="dataset split (voc/coco)")
+    p.add_argument("--labels", help="image-level labels file (JSON or CSV); else the dataset's, else predicted")
+    p.add_argument("--n", type=int, default=16, help="images per run (the inputs repeat when there are fewer)")
+    p.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes (default 1,4)")
+    p.add_argument("--backends", default="all",
+                   help="comma-separated: all (every installed one), auto, eager, channels-last, bf16, compile, "
+                        "onnxruntime, tensorrt")
+    p.add_argument("--size", default="320x320", help="HxW of the random images when --images is not given")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel selection, compilation)")
+    p.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace (torch.profiler, ranges wsclip.<stage>)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args):
+    from wsclip.profile import ProfileConfig, format_profile, parse_size, profile
+
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise WsclipError(f"--batch-sizes must be comma-separated integers, got '{args.batch_sizes}'") from None
+    cfg = ProfileConfig(labeler=_labeler_config(args), images=args.images, split=args.split, labels=args.labels,
+                        n=args.n, batch_sizes=batches,
+                        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                        size=parse_size(args.size), warmup=args.warmup, trace=args.trace)
+    if args.threads and cfg.labeler.device in ("auto", "cpu"):
+        import torch
+
+        torch.set_num_threads(int(args.threads))
+    result = profile(cfg)
+    print(json.dumps(result, indent=2) if args.json else format_profile(result))
+    return 0
 
 
 def _add_serve(sub):
@@ -1063,6 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export_trt,
         _add_export_masks,
         _add_label,
+        _add_profile,
         _add_serve,
         _add_review,
         _add_pseudo,

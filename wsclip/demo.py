@@ -57,9 +57,9 @@ MARKER = "demo.json"
 
 def default_cache_dir() -> Path:
     """$WSCLIP_CACHE, else $XDG_CACHE_HOME/wsclip, else ~/.cache/wsclip."""
-    if os.environ.get("WSCLIP_CACHE"):
-        return Path(os.environ["WSCLIP_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsclip"
+    from wsclip.io import cache_dir
+
+    return cache_dir()
 
 
 @dataclass

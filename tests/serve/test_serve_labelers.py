@@ -81,7 +81,7 @@ def test_cam_labeler_matches_cam_labeler_module(cam_ckpt):
     """Masks and CAMs equal CamLabeler.run on the same groups; missing labels come from the class scores."""
     from wsclip.label.cam_labeler import load_cam_labeler
 
-    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", batch_size=2))
+    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", batch_size=2, backend="eager"))
     assert lab.method == "cam" and lab.backend == "pytorch" and lab.classes == VOC_CLASSES
     ref = load_cam_labeler(cam_ckpt)
     rng = np.random.default_rng(1)
@@ -228,30 +228,11 @@ def test_irn_refinement_wiring(cam_ckpt, tmp_path):
     assert not empty.mask.any() and empty.keys.size == 0
 
 
-def _tiny_vit_clip(path):
-    from open_clip.model import CLIP
-
-    from wsclip.models.clip import ClipModel, save_clip
-
-    text = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    cfg = {"embed_dim": 16, "quick_gelu": True, "text_cfg": text,
-           "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "patch_size": 8, "head_width": 16}}
-    torch.manual_seed(0)
-    model = CLIP(**cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    c = ClipModel(model, "tiny-vit", cfg)
-    save_clip(path, c, cfg, "tiny-vit")
-    return path
-
-
-def test_clip_zero_shot_and_clip_es(tmp_path):
+def test_clip_zero_shot_and_clip_es(tmp_path, tiny_vit_clip):
     from wsclip.label.clip_es import ClipEs
     from wsclip.models.clip import load_clip
 
-    clip_path = _tiny_vit_clip(tmp_path / "clip.safetensors")
+    clip_path = tiny_vit_clip
     lab = load_labeler(LabelerConfig(clip=str(clip_path), device="cpu", label_threshold=0.06))
     assert lab.method == "clip-es" and lab.describe()["predict"] == "clip-zero-shot"
     rng = np.random.default_rng(5)

@@ -90,3 +90,14 @@ def _parse(cls, argv):
     p = argparse.ArgumentParser()
     add_config_args(p, cls)
     return p.parse_args(argv)
+
+
+def test_clip_es_compute_follows_compat():
+    """CLIP-ES frozen blocks: bf16 may be chosen by wsclip's auto, never under --compat official (fp32 as the
+    public code); an explicit --compute wins."""
+    from wsclip.compat import resolve
+    from wsclip.label.clip_es import ClipEsConfig
+
+    assert resolve(ClipEsConfig()).compute == "auto"
+    assert resolve(ClipEsConfig(compat="official")).compute == "fp32"
+    assert resolve(ClipEsConfig(compat="official", compute="bf16")).compute == "bf16"

@@ -125,7 +125,7 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
         self.eps = float(eps)
 
     def _cams_at(self, x: torch.Tensor, size) -> torch.Tensor:
-        raw = self.camnet(x)
+        raw = self.camnet(x).float()  # under bf16 autocast the head and everything after it stay float32
         return F.interpolate(F.relu(raw), size=size, mode="bilinear", align_corners=False)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
