@@ -30,6 +30,11 @@ def _run_doctor(args):
     print(json.dumps(report, indent=2) if args.json else format_report(report))
 
 
+def _compat_arg(p):
+    p.add_argument("--compat", choices=("wsclip", "official"), default="wsclip",
+                   help="official: every behaviour of the public code (docs/compat.md); default wsclip's")
+
+
 # ============================================================================ eval
 def _add_eval(sub):
     p = sub.add_parser("eval", help="mIoU of predicted masks against ground truth (dataset-level confusion matrix)")
@@ -39,6 +44,9 @@ def _add_eval(sub):
     p.add_argument("--dataset", default="voc", help="class names for the table: voc, coco, or a file with one name per line")
     p.add_argument("--num-classes", type=int, help="number of classes including background (default from --dataset)")
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
+    p.add_argument("--pred-ignore", choices=("background", "miss", "ignore"),
+                   help="predicted 255 counts as: background (CLIMS/IRN evaluation, the default), miss, or is left out")
+    _compat_arg(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -46,7 +54,8 @@ def _run_eval(args):
     from wsclip.eval.evaluate import evaluate_folders, resolve_class_names
 
     names = resolve_class_names(args.dataset, args.num_classes)
-    cm, n = evaluate_folders(args.pred, args.gt, num_classes=len(names), split=args.split)
+    cm, n = evaluate_folders(args.pred, args.gt, num_classes=len(names), split=args.split,
+                             pred_ignore=args.pred_ignore, compat=args.compat)
     print(cm.table(names))
     print(f"images: {n}")
     if args.json:
@@ -282,9 +291,13 @@ def _add_cam(sub):
                    help="[clip-es] the public code's box masks (uint8 threshold, exclusive far box edges)")
     p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
                    help="[clip-es] CAA kernels: auto = Triton on CUDA, PyTorch elsewhere")
-    p.add_argument("--compute", choices=("auto", "fp32", "bf16"), default="auto",
+    p.add_argument("--logit-scale", type=float, help="[clip-es] softmax logit scale (default: the checkpoint's)")
+    p.add_argument("--clip-act", choices=("quick_gelu", "gelu"),
+                   help="[clip-es] CLIP activation when the file cannot tell (OpenAI weights: quick_gelu)")
+    _compat_arg(p)
+    p.add_argument("--compute", choices=("auto", "fp32", "bf16"),
                    help="[clip-es] ViT blocks before the last: auto = bf16 on CPUs that run it natively when its "
-                        "maps match fp32 (a fixed probe image), else fp32")
+                        "maps match fp32 (a fixed probe image), else fp32; --compat official: fp32)")
     p.set_defaults(func=_run_cam)
 
 
@@ -312,7 +325,8 @@ def _run_cam(args):
             raise WsclipError("--method clip-es needs --clip (a CLIP ViT checkpoint, e.g. ViT-B-16.pt)")
         cfg = ClipEsConfig(caa=not args.no_caa, box_threshold=args.box_threshold, template=args.template,
                            batch_size=args.batch_size, pooling=args.pooling, caa_layers=args.caa_layers,
-                           box_compat=args.box_compat, backend=args.backend, compute=args.compute)
+                           box_compat=args.box_compat or None, backend=args.backend, compat=args.compat,
+                           logit_scale=args.logit_scale, clip_act=args.clip_act, compute=args.compute)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers)
         print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
@@ -573,6 +587,9 @@ def _labeler_args(p, profile: bool = False):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (PyTorch backend)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch / ONNX Runtime")
+    p.add_argument("--clip-act", choices=("quick_gelu", "gelu"),
+                   help="CLIP activation when the file cannot tell (OpenAI weights: quick_gelu)")
+    _compat_arg(p)
 
 
 def _labeler_config(args):
@@ -588,7 +605,8 @@ def _labeler_config(args):
                          batch_size=getattr(args, "batch_size", 8), refine=args.refine, irn=args.irn,
                          predict=args.predict, clip=args.clip, label_threshold=args.label_threshold,
                          bg_threshold=args.bg_threshold, scales=scales, flip=args.flip, amp=args.amp,
-                         backend=getattr(args, "backend", "auto"), threads=args.threads, classes=args.classes)
+                         backend=getattr(args, "backend", "auto"), threads=args.threads, classes=args.classes,
+                         compat=getattr(args, "compat", "wsclip"), clip_act=getattr(args, "clip_act", None))
 
 
 def _add_label(sub):
@@ -824,6 +842,7 @@ def _pseudo_common_args(p, crf_default: bool = False):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (random walk, IRN)")
     p.add_argument("--on-error", choices=("skip", "fail"), default="fail",
                    help="a corrupt or mismatched CAM file: report it and skip the image, or stop (default)")
+    _compat_arg(p)
 
 
 def _rw_args(p):
@@ -841,8 +860,8 @@ def _run_pseudo_masks(args, crf: bool):
 
     confidence = 0.95 if args.cgl else args.confidence
     cfg = PseudoConfig(key=args.key, bg=args.bg, alpha=args.alpha, bg_threshold=args.bg_threshold, crf=crf,
-                       crf_params=CRFParams(uint8_wrap=args.crf_uint8_wrap), confidence=confidence,
-                       on_error=args.on_error, workers=args.workers,
+                       crf_params=CRFParams(uint8_wrap=args.crf_uint8_wrap or None), confidence=confidence,
+                       on_error=args.on_error, workers=args.workers, compat=args.compat,
                        **({"rw_beta": args.rw_beta, "rw_exp_times": args.rw_exp_times, "rw_radius": args.rw_radius,
                            "rw_bg_threshold": args.rw_bg_threshold} if hasattr(args, "rw_beta") else {}))
     res = make_pseudo_masks(args.cams, args.out, data=args.data, split=args.split, cfg=cfg,

@@ -111,10 +111,27 @@ class ClimsConfig(TrainConfig):
     background_per_class: dict | None = _f(
         None, "JSON {class: [words]}: CBS uses only these words for each class (paper version)"
     )
-    mask_norm: str = _f(
-        "clip", "statistics of the masked CLIP inputs: clip (clean) or imagenet (public code's behaviour)"
+    compat: str = _f("wsclip", "wsclip (cleaner defaults) or official (every public-code behaviour, docs/compat.md)")
+    bn1: str | None = _f(None, "bn1 in training: eval (statistics frozen too) or train (batch statistics, public code); "
+                               "default from --compat")
+    mask_norm: str | None = _f(
+        None, "statistics of the masked CLIP inputs: clip (clean) or imagenet (public code's behaviour); "
+              "default from --compat"
     )
+    clip_act: str | None = _f(None, "CLIP activation: quick_gelu (OpenAI weights) or gelu; default from the checkpoint "
+                                    "(files that cannot tell: gelu, quick_gelu under --compat official)")
     kernel_backend: str = _f("auto", "masked_batch backend: auto, triton or torch")
+
+    def validate(self) -> "ClimsConfig":
+        from wsclip import compat
+
+        super().validate()
+        compat.check(self.compat)
+        for name, allowed in (("bn1", ("eval", "train")), ("mask_norm", ("clip", "imagenet")),
+                              ("clip_act", ("quick_gelu", "gelu"))):
+            if getattr(self, name) not in (None, *allowed):
+                raise WsclipError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        return self
 
 
 @dataclass
@@ -192,12 +209,12 @@ PRESETS: dict[type, dict[str, dict[str, Any]]] = {
         "voc-official": dict(
             _VOC, lr=2.5e-4, batch_size=16, epochs=15, alpha=10.0, beta=24.0, gamma=1.0, delta=0.2,
             tau=0.26, text="voc", class_names=vocab.CLIMS_VOC_NAMES, background=vocab.CLIMS_VOC_BACKGROUND,
-            mask_norm="imagenet",  # the public code masks ImageNet-normalised pixels (METHODS.md section 3)
+            compat="official",  # bn1 in train mode, ImageNet-normalised masked pixels, ... (wsclip/compat.py)
         ),
         "coco-official": dict(
             _COCO, lr=5e-4, batch_size=32, epochs=8, alpha=2.0, beta=14.0, gamma=1.25, delta=0.2,
-            tau=0.285, text="coco", class_names=vocab.COCO_CLASSES, background=vocab.CLIMS_COCO_BACKGROUND,
-            mask_norm="imagenet",
+            tau=0.285, text="coco", class_names=vocab.CLIMS_COCO_NAMES, background=vocab.CLIMS_COCO_BACKGROUND,
+            compat="official",
         ),
         "voc-paper": dict(
             _VOC, lr=2.5e-4, batch_size=16, epochs=15, alpha=10.0, beta=25.0, gamma=29.5, delta=1.15,

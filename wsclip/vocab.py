@@ -41,6 +41,9 @@ CLIMS_VOC_NAMES: tuple[str, ...] = tuple(
     for c in VOC_CLASSES
 )
 
+#: the public CLIMS COCO code's names (clip_utils.py): the standard COCO names, "person" spelled "player" as for VOC
+CLIMS_COCO_NAMES: tuple[str, ...] = tuple("player" if c == "person" else c for c in COCO_CLASSES)
+
 CLIMS_VOC_BACKGROUND: tuple[str, ...] = (
     "tree", "river", "sea", "lake", "water", "railway", "railroad", "track", "stone", "rocks",
 )
@@ -133,7 +136,7 @@ DATASET_CLASSES: dict[str, tuple[str, ...]] = {"voc": VOC_CLASSES, "coco": COCO_
 _METHOD_TEXT = {
     # (dataset, method) -> (class names, background words, template)
     ("voc", "clims"): (CLIMS_VOC_NAMES, CLIMS_VOC_BACKGROUND, CLIMS_TEMPLATE),
-    ("coco", "clims"): (COCO_CLASSES, CLIMS_COCO_BACKGROUND, CLIMS_TEMPLATE),
+    ("coco", "clims"): (CLIMS_COCO_NAMES, CLIMS_COCO_BACKGROUND, CLIMS_TEMPLATE),
     ("voc", "clip-es"): (CLIP_ES_VOC_NAMES, CLIP_ES_VOC_BACKGROUND, CLIP_ES_TEMPLATE),
     ("coco", "clip-es"): (CLIP_ES_COCO_NAMES, CLIP_ES_COCO_BACKGROUND, CLIP_ES_TEMPLATE),
 }

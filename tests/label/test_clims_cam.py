@@ -159,3 +159,16 @@ def test_resnet50_random_on_one_image(voc14, tmp_path):
     assert res["written"] == 1
     z = read_cam_file(tmp_path / f"{ds.ids[0]}.npz")
     assert z["high_res"].shape[1:] == (513, 513) and z["cam"].shape[1:] == (129, 129)
+
+
+def test_eval_cam_threshold_tie_is_background(tmp_path):
+    """A CAM value equal to the background threshold is background (argmax over [t, cams] picks t first)."""
+    from wsclip.io import write_mask
+    from wsclip.label.clims_cam import write_cam_file
+
+    high = np.array([[[0.25, 0.5, 0.125]]], np.float32)  # exact in float16 too
+    write_cam_file(tmp_path / "cams" / "a.npz", np.array([2]), high, high)
+    write_mask(tmp_path / "gt" / "a.png", np.array([[3, 3, 0]], np.uint8))
+    cms = evaluate_cams(tmp_path / "cams", tmp_path / "gt", [0.25, 0.125], num_classes=4)
+    np.testing.assert_array_equal(cms[0.25].mat[3], [1, 0, 0, 1])  # 0.25 at t = 0.25 -> background
+    np.testing.assert_array_equal(cms[0.125].mat[[0, 3]], [[1, 0, 0, 0], [0, 0, 0, 2]])

@@ -54,7 +54,7 @@ def reference_cams(es: ClipEs, image: np.ndarray, keys):
         trace = clip.vit_forward(pixels, attn_layers=es.attn_layers)
         visual = clip.model.visual
         feat = visual.ln_post(trace.tokens[:, 1:]).mean(1) @ visual.proj
-        probs = (es.cfg.logit_scale * F.normalize(feat, dim=-1) @ text.T).softmax(-1)
+        probs = (es.logit_scale * F.normalize(feat, dim=-1) @ text.T).softmax(-1)
         (grad,) = torch.autograd.grad(probs[0, n], trace.ln1)
         h, w = trace.grid
         acts = trace.ln1[0, 1:].detach().double()  # (N, C)
@@ -255,3 +255,42 @@ def test_make_cams_resume_after_interrupt(tmp_path, voc14, clip):
     res = make_clip_es_cams(clip, str(data), out, split="val", cfg=ClipEsConfig(batch_size=1), device="cpu",
                             num_workers=0)
     assert res["skipped"] == len(first) and res["written"] == 2 - len(first)
+
+
+def test_compat_official_preprocess_is_the_public_pil_pipeline_and_logit_scale_is_the_checkpoints():
+    """--compat official: torchvision's Resize(BICUBIC) on a PIL image, ToTensor, Normalize (the public code's own
+    transform, run here), box_compat on; both compats take exp(logit_scale) from the checkpoint."""
+    import math
+
+    from torchvision.transforms import Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    from wsclip.models.clip import CLIP_MEAN, CLIP_STD
+
+    clip = tiny_clip(seed=4)
+    with torch.no_grad():
+        clip.model.logit_scale.fill_(math.log(7.0))
+    off = ClipEs(clip, VOC_CLASSES, ClipEsConfig(compat="official"))
+    ours = ClipEs(clip, VOC_CLASSES)
+    assert (off.cfg.preprocess, off.cfg.box_compat) == ("pil", True)
+    assert (ours.cfg.preprocess, ours.cfg.box_compat) == ("tensor", False)
+    rng = np.random.default_rng(5)
+    for shape in ((37, 50, 3), (16, 16, 3), (9, 31, 3)):
+        im = rng.integers(0, 256, shape, dtype=np.uint8)
+        public = Compose([Resize(rounded_size(shape[:2], 8), interpolation=InterpolationMode.BICUBIC), ToTensor(),
+                          Normalize(CLIP_MEAN, CLIP_STD)])(Image.fromarray(im))
+        torch.testing.assert_close(off.preprocess(im), public, rtol=0, atol=1e-6)
+        torch.testing.assert_close(off.preprocess(torch.from_numpy(im)), public, rtol=0, atol=1e-6)
+        if shape[:2] != (16, 16):  # wsclip's float resize is another function
+            assert (ours.preprocess(im) - public).abs().max() > 1e-2
+    # the logit scale: the checkpoint's (7 here) unless set
+    assert off.logit_scale == pytest.approx(7.0) and ours.logit_scale == pytest.approx(7.0)
+    assert ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=3.0)).logit_scale == 3.0
+    feats = torch.randn(2, clip.embed_dim)
+    keys = torch.tensor([[1, 5], [2, -1]])
+    probs = ours.class_probs(feats, keys)
+    text = torch.cat([ours.fg_text, ours.bg_text])
+    logits = 7.0 * F.normalize(feats, dim=-1) @ text.T
+    want = logits[0, [1, 5] + list(range(20, text.shape[0]))].softmax(-1)
+    torch.testing.assert_close(probs[0, [1, 5] + list(range(20, text.shape[0]))], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="preprocess"):
+        ClipEs(clip, VOC_CLASSES, ClipEsConfig(preprocess="cv2"))

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,3 +166,77 @@ def test_crf_option_without_extra_names_it(world, tmp_path, monkeypatch, capsys)
                  "--crf"]) == 2
     assert "wsclip[crf]" in capsys.readouterr().err
     assert not list(tmp_path.glob("m/*.png"))  # it failed before writing anything
+
+
+def test_ties_go_to_background_then_to_the_lower_class_and_confidence_equal_is_kept():
+    """Decided rules (the public code's np.argmax / `confidence < 0.95`): a class score equal to the background
+    score is background; equal class scores go to the first key; a max score equal to --confidence is kept."""
+    cams = np.array([[[0.15, 0.5, 0.25]], [[0.10, 0.5, 0.25]]], np.float32)  # (2 classes, 1, 3), exact binary values
+    keys = np.array([4, 1])
+    scores = stack_scores(cams, PseudoConfig(bg="threshold", bg_threshold=0.15))
+    np.testing.assert_array_equal(scores_to_mask(scores, keys), [[0, 5, 5]])
+    scores = stack_scores(cams, PseudoConfig(bg="power", alpha=1.0))  # background 1 - max: 0.85, 0.5, 0.75
+    np.testing.assert_array_equal(scores_to_mask(scores, keys), [[0, 0, 0]])
+    # confidence: 0.5 == 0.5 is kept, 0.25 < 0.5 is not
+    probs = np.array([[[0.5, 0.25]], [[0.5, 0.25]], [[0.0, 0.5]]], np.float32)
+    np.testing.assert_array_equal(scores_to_mask(probs, keys, confidence=0.5), [[0, 2]])
+    np.testing.assert_array_equal(scores_to_mask(probs, keys, confidence=0.75), [[255, 255]])
+
+
+def _public_crf_mask(rgb, keys, cams):
+    """The public eval_cam_with_crf.py on one image (rewritten from its documented behaviour): OpenCV BGR image
+    minus the BGR mean cast to uint8, unary -log(clip(P, 1e-5)), the CLIP-ES kernels, argmax, posterior < 0.95 -> 255."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    image = np.ascontiguousarray(rgb[..., ::-1]).astype(np.float32)
+    image -= (104.008, 116.669, 122.675)
+    image = np.ascontiguousarray(image.astype(np.uint8))
+    prob = np.concatenate([1 - cams.max(0, keepdims=True), cams])
+    c, h, w = prob.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(prob)))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=image, compat=4)
+    q = np.array(d.inference(10)).reshape(c, h, w)
+    label = np.pad(keys + 1, (1, 0))[q.argmax(0)]
+    label[q.max(0) < 0.95] = 255
+    return label.astype(np.uint8)
+
+
+def test_compat_official_pseudo_masks_are_the_public_crf_and_eval_counts_255_as_background(world, tmp_path):
+    from wsclip.io import read_image
+
+    root, cams = world
+    out = tmp_path / "official"
+    argv = ["pseudo", "--cams", str(cams), "--data", str(root), "--split", "val", "--crf", "--cgl", "--workers", "1"]
+    assert main([*argv, "--out", str(out), "--compat", "official"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "flag"), "--crf-uint8-wrap"]) == 0
+    preds, gts = [], []
+    for i in IDS:
+        z = read_cams(cams / f"{i}.npz")
+        want = _public_crf_mask(read_image(root / "JPEGImages" / f"{i}.jpg"), z["keys"], z["cams"])
+        got = read_mask(out / f"{i}.png")
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(read_mask(tmp_path / "flag" / f"{i}.png"), got)
+        preds.append(got)
+        gts.append(read_mask(root / "SegmentationClass" / f"{i}.png"))
+    assert any((p == 255).any() for p in preds)
+    # wsclip eval: predicted 255 is background by default and under --compat official, as the CLIMS evaluation
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+    from test_metrics import _public_clims_miou
+
+    res = {}
+    for name, extra in (("default", []), ("official", ["--compat", "official"]), ("miss", ["--pred-ignore", "miss"]),
+                        ("ignore", ["--pred-ignore", "ignore"])):
+        js = tmp_path / f"{name}.json"
+        assert main(["eval", "--pred", str(out), "--gt", str(root / "SegmentationClass"), "--split",
+                     str(root / "val.txt"), "--json", str(js), *extra]) == 0
+        res[name] = json.loads(js.read_text())
+    public = _public_clims_miou(preds, gts, 21)
+    assert res["default"]["miou"] == pytest.approx(public, abs=1e-12) == res["official"]["miou"]
+    assert abs(res["miss"]["miou"] - res["default"]["miou"]) > 1e-4  # the policy matters here
+    valid = sum(int((g != 255).sum()) for g in gts)
+    kept = sum(int(((g != 255) & (p != 255)).sum()) for p, g in zip(preds, gts))
+    assert res["default"]["coverage"] == pytest.approx(kept / valid) and kept < valid
+    assert res["default"]["miou_kept"] == pytest.approx(res["ignore"]["miou"])

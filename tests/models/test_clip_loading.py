@@ -115,6 +115,43 @@ def test_openai_plain_state_dict(tmp_path, openai_model):
     assert not torch.allclose(gelu.encode_image(x), clip.encode_image(x), atol=1e-4)
 
 
+def test_fp32_copy_of_openai_weights_is_ambiguous_and_said_so(tmp_path):
+    """An fp32 state dict cannot tell QuickGELU from GELU: the choice follows --compat, is stated by --clip-act
+    or a sidecar, and is reported (warning + clip.act_source) whenever the file alone decided nothing."""
+    import json
+
+    openai_model = _model({**VIT_CFG, "quick_gelu": True}, seed=1)  # built here: other tests cast the fixture
+    convert_weights_to_lp(openai_model, dtype=torch.float16)
+    ref = _model({**VIT_CFG, "quick_gelu": True}, seed=1)
+    ref.load_state_dict({k: v.float() for k, v in openai_model.state_dict().items()})
+    path = tmp_path / "openai-fp32.pt"
+    torch.save({k: v.float() for k, v in openai_model.state_dict().items()}, path)  # no OpenAI markers left
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="cannot say whether.*using gelu"):
+        plain = load_clip(path)
+    assert (plain.act, plain.act_source) == ("gelu", "ambiguous")
+    with pytest.warns(UserWarning, match="using quick_gelu"):
+        official = load_clip(path, compat="official")  # the public code's `clip` package always builds QuickGELU
+    assert official.act == "quick_gelu"
+    _assert_same(official, ref, 32)
+    assert not torch.allclose(plain.encode_image(x), official.encode_image(x), atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stated activation is no guess: no warning
+        stated = load_clip(path, act="quick_gelu")
+        assert (stated.act, stated.act_source) == ("quick_gelu", "--clip-act")
+        _assert_same(stated, ref, 32)
+        assert load_clip(path, act="gelu", compat="official").act == "gelu"  # the user's word wins
+        path.with_suffix(".json").write_text(json.dumps({"kind": "clip", "act": "quick_gelu"}))
+        side = load_clip(path)
+        assert side.act == "quick_gelu" and side.act_source.startswith("sidecar")
+        _assert_same(side, ref, 32)
+        # the fp16 release layout and TorchScript archives are OpenAI's own: QuickGELU, no warning
+        torch.save(openai_model.state_dict(), tmp_path / "fp16.pt")
+        assert load_clip(tmp_path / "fp16.pt").act == "quick_gelu"
+    with pytest.raises(WsclipError, match="activation"):
+        load_clip(path, act="relu")
+
+
 def test_openai_torchscript_archive(tmp_path, openai_model):
     import copy
 

@@ -84,6 +84,26 @@ def test_box_mask_hand_cases():
     np.testing.assert_array_equal(t.numpy(), exp)
 
 
+def test_box_threshold_is_relative_to_the_maps_max_and_strict():
+    """Maps whose max is not 1: the threshold is threshold * max(cam); a value equal to it is outside."""
+    cam = np.zeros((8, 9), np.float32)
+    cam[1, 1] = 0.5  # the max
+    cam[5, 6] = 0.3  # above 0.4 * 0.5 = 0.2 (but below a raw 0.4)
+    cam[6, 2] = 0.25  # exactly 0.5 * max: the tie stays outside at threshold 0.5
+    exp = np.zeros((8, 9), bool)
+    exp[1, 1] = exp[5, 6] = exp[6, 2] = True
+    tie = exp.copy()
+    tie[5, 6] = True
+    tie[6, 2] = False
+    for threshold, want in ((0.4, exp), (0.5, tie)):
+        np.testing.assert_array_equal(caa.box_mask(cam, threshold), want)
+        np.testing.assert_array_equal(caa.box_masks(torch.from_numpy(cam)[None], threshold)[0].numpy(), want)
+    # scaling a map scales nothing else: the masks of 3 * cam and cam / 4 are the same
+    for scale in (3.0, 0.25):
+        np.testing.assert_array_equal(caa.box_mask(cam * scale, 0.5), tie)
+        np.testing.assert_array_equal(caa.box_masks(torch.from_numpy(cam * scale)[None], 0.5)[0].numpy(), tie)
+
+
 def test_box_mask_ring_with_nested_region():
     """A ring (internal contour) with an island inside its hole: the island is its own region."""
     cam = np.zeros((11, 11), np.float32)

@@ -49,18 +49,60 @@ def test_parallel_equals_serial():
         np.testing.assert_array_equal(a, b)
 
 
-def test_uint8_wrap_matches_direct_formula():
+def _direct_crf(rgbim, probs):
+    """pydensecrf2 called directly with the METHODS.md section 5 values (written out, not taken from CRFParams)."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax  # -log(clip(P, 1e-5, 1)), as the public code calls it
+
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=np.ascontiguousarray(rgbim), compat=4)
+    return np.asarray(d.inference(10), np.float32).reshape(c, h, w)
+
+
+def _public_crf_image(rgb):
+    """The public eval_cam_with_crf.py image: OpenCV's BGR float32 minus the BGR mean, cast to uint8 (wraps)."""
+    image = np.ascontiguousarray(rgb[..., ::-1]).astype(np.float32)  # cv2.imread gives BGR
+    image -= (104.008, 116.669, 122.675)
+    return image.transpose(2, 0, 1).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _three_class_case(h=29, w=41, seed=3):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    image[:, : w // 3] = (250, 10, 120)  # colours whose channels differ, so the channel order matters
+    image[:, 2 * w // 3 :] = (5, 180, 60)
+    p = rng.random((3, h, w)).astype(np.float32) ** 3
+    p[1, :, : w // 2] += 0.6
+    p[0, 0, 0] = 0.0  # below the 1e-5 clip
+    return image, (p / p.sum(0)).astype(np.float32)
+
+
+def test_dense_crf_equals_a_direct_pydensecrf_call_with_the_methods_values():
+    """Pins the unary (-log, clipped) and which compat goes with which kernel: a swap or a dropped -log fails."""
+    image, probs = _three_class_case()
+    np.testing.assert_allclose(crf.dense_crf(image, probs), _direct_crf(image, probs), atol=1e-6)
+    swapped = crf.CRFParams(gauss_compat=4.0, bilateral_compat=3.0)
+    assert np.abs(crf.dense_crf(image, probs, swapped) - _direct_crf(image, probs)).max() > 1e-3
+
+
+def test_uint8_wrap_is_the_public_codes_bgr_image():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (5, 7, 3)).astype(np.uint8)
     got = crf.crf_image(image, uint8_wrap=True)
-    mean = np.array([122.675, 116.669, 104.008])
-    expected = np.array([[[int(v - m) % 256 for v, m in zip(px, mean)] for px in row] for row in image])
+    np.testing.assert_array_equal(got, _public_crf_image(image))
+    mean_bgr = (104.008, 116.669, 122.675)
+    expected = np.array([[[int(v - m) % 256 for v, m in zip(px[::-1], mean_bgr)] for px in row] for row in image])
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(crf.crf_image(image), image)
-    # the compatibility image changes the result but still gives a distribution
-    img, probs, _ = _two_region_case()
+    # the posterior is the public code's: the wrapped BGR image, not the RGB one
+    img, probs = _three_class_case()
     q = crf.dense_crf(img, probs, crf.CRFParams(uint8_wrap=True))
-    np.testing.assert_allclose(q.sum(0), 1.0, atol=1e-4)
+    np.testing.assert_allclose(q, _direct_crf(_public_crf_image(img), probs), atol=1e-6)
+    rgb_order = _direct_crf(np.ascontiguousarray(_public_crf_image(img)[..., ::-1]), probs)
+    assert np.abs(q - rgb_order).max() > 1e-3
 
 
 def test_confidence_filter_and_shape_errors():

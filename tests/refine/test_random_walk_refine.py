@@ -90,7 +90,27 @@ def test_offsets_and_paths():
         assert (0, 0) in pts and (dy, dx) in pts
 
 
-@pytest.mark.parametrize("shape,radius", [((7, 9), 5), ((1, 6), 5), ((5, 4), 3), ((11, 3), 5)])
+def _irn_path(dy, dx):
+    """IRN's misc/indexing.py rule as documented: box pixels with (dy*x - dx*y)^2 / |d|^2 < 1 (float division)."""
+    length_sq = dy * dy + dx * dx
+    return {(y, x) for y in range(min(0, dy), max(0, dy) + 1) for x in range(min(0, dx), max(0, dx) + 1)
+            if (dy * x - dx * y) ** 2 / length_sq < 1}
+
+
+@pytest.mark.parametrize("radius", [6, 7, 8, 10])
+def test_paths_at_large_radius_follow_irn_and_leave_out_the_distance_1_boundary(radius):
+    """From radius 6 on, lattice points lie exactly at distance 1 from a segment (e.g. (1, 3) for (3, 4)): outside."""
+    offs = rw.neighbor_offsets(radius).tolist()
+    paths = rw.path_pixels(radius)
+    for (dy, dx), pts in zip(offs, paths):
+        assert set(pts) == _irn_path(dy, dx), (dy, dx)
+    k = {tuple(o): i for i, o in enumerate(offs)}
+    assert (1, 3) not in paths[k[(3, 4)]] and (2, 1) not in paths[k[(3, 4)]]
+    assert (1, -3) not in paths[k[(3, -4)]]
+    assert {(1, 1), (2, 2), (2, 3)} <= set(paths[k[(3, 4)]])
+
+
+@pytest.mark.parametrize("shape,radius", [((7, 9), 5), ((1, 6), 5), ((5, 4), 3), ((11, 3), 5), ((9, 12), 6)])
 def test_edge_to_affinity_matches_brute_force(shape, radius):
     edge = torch.rand(shape)
     got = rw.edge_to_affinity(edge, radius)

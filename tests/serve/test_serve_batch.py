@@ -209,3 +209,54 @@ def test_manifest_drops_and_truncates_a_partial_last_line(tmp_path):
     m.append([{"id": "c", "status": "ok"}])
     lines = path.read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["a", "b", "c"]
+
+
+def test_resume_redoes_an_image_whose_mask_was_deleted(small_folder, cam_ckpt, tmp_path):
+    labels_file = small_folder.parent / f"{small_folder.name}_labels.json"
+    out = tmp_path / "out"
+    argv = _label_argv(small_folder, cam_ckpt, out, "--labels", str(labels_file), "--workers", "0",
+                       "--post-workers", "0", "--device", "cpu")
+    assert main(argv) == 0
+    masks = _masks(out)
+    assert len(masks) >= 3
+    gone = sorted(masks)[1]
+    (out / gone).unlink()  # the manifest still says this image is done
+    stamps = {n: (out / n).stat().st_mtime_ns for n in masks if n != gone}
+    assert main([*argv, "--json"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labelled"] == 1 and summary["skipped_done"] == len(masks) - 1
+    assert _masks(out) == masks  # redone, byte-identical
+    assert {n: (out / n).stat().st_mtime_ns for n in stamps} == stamps  # the others were not rewritten
+
+
+def test_masks_are_written_atomically_and_the_manifest_is_fsynced(small_folder, cam_ckpt, tmp_path, monkeypatch):
+    """A power loss cannot be simulated here, so check the calls: each mask is written to a temporary file
+    in the same folder, fsynced, renamed onto its name, and only then recorded in an fsynced manifest."""
+    labels_file = small_folder.parent / f"{small_folder.name}_labels.json"
+    out = tmp_path / "out"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(_label_argv(small_folder, cam_ckpt, out, "--labels", str(labels_file), "--workers", "0",
+                            "--post-workers", "0", "--device", "cpu")) == 0
+    manifest = str(out / "manifest.jsonl")
+    ids = sorted(p.stem for p in small_folder.iterdir())
+    for i in ids:
+        final = str(out / f"{i}.png")
+        (k, ev), = [(k, e) for k, e in enumerate(events) if e[0] == "replace" and e[2] == final]
+        tmp = ev[1]
+        assert Path(tmp).parent == out and Path(tmp).name.startswith(f".{i}.png.")  # same folder: rename is atomic
+        assert ("fsync", tmp) in events[:k]  # the data reached the disk before the rename
+        later = [e for e in events[k + 1:] if e == ("fsync", manifest)]
+        assert later, f"{i}: no manifest fsync after its mask was in place"
+    assert Manifest(out / "manifest.jsonl").finished(out) == set(ids)

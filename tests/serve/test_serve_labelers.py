@@ -147,6 +147,14 @@ def test_crf_refinement_matches_dense_crf(cam_ckpt, voc14):
     assert np.array_equal(r.crf_scores, stacked) and r.crf_values.tolist() == [0, 1, 15]
     expect = np.array([0, 1, 15], np.uint8)[dense_crf(image, stacked).argmax(0)]
     assert np.array_equal(refine_result(image, r).mask, expect)
+    # --compat official: the labeler's CRF sees the public code's wrapped BGR image
+    from wsclip.refine.crf import CRFParams
+
+    official = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", refine="crf", compat="official"))
+    (o,) = official.label_batch([image], [y])
+    assert o.crf_params.uint8_wrap is True and not r.crf_params.uint8_wrap
+    want = np.array([0, 1, 15], np.uint8)[dense_crf(image, stacked, CRFParams(uint8_wrap=True)).argmax(0)]
+    assert np.array_equal(refine_result(image, o).mask, want) and not np.array_equal(want, expect)
 
 
 def test_seg_labeler_matches_seg_module(tmp_path):

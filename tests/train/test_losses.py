@@ -140,3 +140,14 @@ def test_gradcheck_qa_terms():
     mask = torch.tensor([[True, False, True], [False, False, False], [True, True, True], [False, True, False]])
     assert torch.autograd.gradcheck(lambda a, b, c: losses.frc(a, b, c, 0.7, mask), (v, t_fg, t_bg))
     assert torch.autograd.gradcheck(lambda a, b, c: losses.brc(a, b, c, 0.7, mask), (v, t_fg, t_bg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cbs_similarity_equal_to_tau_does_not_count(dtype):
+    """The public CBSLoss keeps entries with sim > threshold (strict); 0.25 and 0.5 are exact in binary."""
+    sim = torch.tensor([[0.25, 0.5], [0.2, 0.25]], dtype=dtype)
+    assert losses.cbs(sim, 0.25).item() == pytest.approx(-math.log(0.5), rel=1e-6)
+    assert losses.cbs(sim, 0.5).item() == 0.0
+    # OTM/BTM clamps at the edges: a similarity of exactly 1e-4 or 0.9999 is kept as is
+    edge = torch.tensor([0.0001, 0.9999], dtype=torch.float64)
+    assert losses.otm(edge).item() == pytest.approx(-(math.log(0.0001) + math.log(0.9999)) / 2, rel=1e-12)

@@ -16,12 +16,22 @@ def test_clims_presets_match_methods():
     assert (voc.lr, voc.batch_size, voc.epochs, voc.head_lr_mult) == (2.5e-4, 16, 15, 10)
     assert voc.background == vocab.CLIMS_VOC_BACKGROUND and voc.class_names[14] == "player"
     assert voc.preset == "voc-official" and voc.sync_bn
-    # the official presets reproduce the public code's ImageNet-normalised masked inputs; the paper one is clean
-    assert voc.mask_norm == "imagenet" and from_preset(ClimsConfig, "voc-paper").mask_norm == "clip"
+    # the official presets reproduce the public code (--compat official): ImageNet-normalised masked inputs,
+    # bn1 in train mode; the paper one is wsclip's cleaner behaviour
+    from wsclip.compat import resolve
+
+    assert voc.compat == "official" and (resolve(voc).mask_norm, resolve(voc).bn1) == ("imagenet", "train")
+    paper = resolve(from_preset(ClimsConfig, "voc-paper"))
+    assert (paper.compat, paper.mask_norm, paper.bn1) == ("wsclip", "clip", "eval")
+    # explicit settings win over --compat
+    assert resolve(from_preset(ClimsConfig, "voc-official", bn1="eval")).bn1 == "eval"
     coco = from_preset(ClimsConfig, "coco-official")
     assert (coco.alpha, coco.beta, coco.gamma, coco.delta, coco.tau) == (2, 14, 1.25, 0.2, 0.285)
     assert (coco.lr, coco.batch_size, coco.epochs) == (5e-4, 32, 8)
-    assert len(coco.background) == 88 and coco.class_names == vocab.COCO_CLASSES and coco.mask_norm == "imagenet"
+    assert len(coco.background) == 88 and coco.compat == "official" and resolve(coco).mask_norm == "imagenet"
+    # the public CLIMS COCO code (clip_utils.py) spells person "player", as its VOC one does; the rest are COCO's
+    assert coco.class_names == vocab.CLIMS_COCO_NAMES and coco.class_names[0] == "player"
+    assert coco.class_names[1:] == vocab.COCO_CLASSES[1:] and vocab.method_text("coco", "clims")[0][0] == "player"
     paper = from_preset(ClimsConfig, "voc-paper")
     assert (paper.alpha, paper.beta, paper.gamma, paper.delta) == (10, 25, 29.5, 1.15)
     assert paper.background_per_class["boat"] == ["river", "water", "lake", "sea", "building"]
@@ -80,3 +90,14 @@ def _parse(cls, argv):
     p = argparse.ArgumentParser()
     add_config_args(p, cls)
     return p.parse_args(argv)
+
+
+def test_clip_es_compute_follows_compat():
+    """CLIP-ES frozen blocks: bf16 may be chosen by wsclip's auto, never under --compat official (fp32 as the
+    public code); an explicit --compute wins."""
+    from wsclip.compat import resolve
+    from wsclip.label.clip_es import ClipEsConfig
+
+    assert resolve(ClipEsConfig()).compute == "auto"
+    assert resolve(ClipEsConfig(compat="official")).compute == "fp32"
+    assert resolve(ClipEsConfig(compat="official", compute="bf16")).compute == "bf16"

@@ -33,8 +33,17 @@ def resolve_class_names(dataset: str, num_classes: int | None = None) -> list[st
     return names
 
 
-def evaluate_folders(pred_dir, gt_dir, num_classes: int, split=None, ignore_index: int = 255):
-    """Confusion matrix over every id in `split` (or every PNG in gt_dir); returns (cm, count)."""
+def evaluate_folders(pred_dir, gt_dir, num_classes: int, split=None, ignore_index: int = 255,
+                     pred_ignore: str | None = None, compat: str = "wsclip"):
+    """Confusion matrix over every id in `split` (or every PNG in gt_dir); returns (cm, count).
+
+    `pred_ignore`: how a predicted `ignore_index` counts (wsclip.eval.metrics.PRED_IGNORE); None: as
+    `compat` says (both: background, as the CLIMS/IRN evaluation). The matrix also gives coverage
+    and the mIoU over the kept pixels.
+    """
+    from wsclip import compat as compat_rule
+
+    pred_ignore = pred_ignore or compat_rule.value("pred_ignore", compat)
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     for d, what in ((pred_dir, "prediction"), (gt_dir, "ground-truth")):
         if not d.is_dir():
@@ -47,7 +56,7 @@ def evaluate_folders(pred_dir, gt_dir, num_classes: int, split=None, ignore_inde
         raise MissingFileError(
             f"{len(missing)} of {len(ids)} predictions missing in {pred_dir}, e.g. {missing[0]}.png"
         )
-    cm = ConfusionMatrix(num_classes, ignore_index)
+    cm = ConfusionMatrix(num_classes, ignore_index, pred_ignore=pred_ignore)
     for i in progress(ids, desc="eval", unit="img"):
         pred, gt = read_mask(pred_dir / f"{i}.png"), read_mask(gt_dir / f"{i}.png")
         if pred.shape != gt.shape:

@@ -51,20 +51,25 @@ CPU_TOKENS_PER_PASS = 1024
 
 @dataclass
 class ClipEsConfig:
-    """CLIP-ES settings; defaults are the paper's (VOC)."""
+    """CLIP-ES settings; defaults are the paper's (VOC). Fields left None that `wsclip.compat` names
+    (preprocess, box_compat) take their value from `compat` ("wsclip" or "official")."""
 
+    compat: str = "wsclip"
     template: str | None = None  # default: 'a clean origami {}.'
     background: tuple[str, ...] | None = None  # default: the dataset's CLIP-ES background words
-    logit_scale: float = 100.0
+    logit_scale: float | None = None  # None: the checkpoint's exp(logit_scale) (100 for OpenAI's weights)
     caa: bool = True
     box_threshold: float | None = None  # default: 0.7 for the COCO classes, else 0.4
-    box_compat: bool = False  # public code's uint8 threshold and exclusive far box edges
+    box_compat: bool | None = None  # public code's uint8 threshold and exclusive far box edges (official)
+    preprocess: str | None = None  # image resize: "tensor" (float bicubic, antialiased; wsclip) or "pil" (official)
+    clip_act: str | None = None  # when the CLIP file is loaded here: quick_gelu or gelu (see load_clip)
     caa_layers: int | None = None  # last blocks whose attention CAA averages (default 8 of 12)
     pooling: str = "tokens"  # 'tokens': ln_post per patch token, then mean (public code); 'mean': ln_post(mean)
     batch_size: int = 8
     backend: str = "auto"  # CAA kernels: auto, triton, torch
-    compute: str = "auto"  # frozen blocks 1..n-1: fp32, bf16 (autocast), auto (bf16 where the CPU has it and
-    #                        the first image's maps match fp32 within BF16_TOLERANCE, and it is faster)
+    compute: str | None = None  # frozen blocks 1..n-1: fp32, bf16 (autocast), auto (bf16 where the CPU has it and
+    #                        the first image's maps match fp32 within BF16_TOLERANCE, and it is faster);
+    #                        None: auto, or fp32 under --compat official
 
 
 def rounded_size(hw, patch: int) -> tuple[int, int]:
@@ -98,7 +103,11 @@ class ClipEs:
         from wsclip.label.prompts import clip_es_text
         from wsclip.vocab import COCO_CLASSES, VOC_CLASSES
 
-        self.cfg = cfg = cfg or ClipEsConfig()
+        from wsclip.compat import resolve
+
+        self.cfg = cfg = resolve(cfg or ClipEsConfig())
+        if cfg.preprocess not in ("tensor", "pil"):
+            raise WsclipError(f"unknown preprocess {cfg.preprocess!r}: use 'tensor' or 'pil'")
         if cfg.pooling not in POOLINGS:
             raise WsclipError(f"unknown pooling {cfg.pooling!r}: use one of {', '.join(POOLINGS)}")
         if cfg.compute not in COMPUTE:
@@ -106,6 +115,8 @@ class ClipEs:
         if not clip.is_vit:
             raise WsclipError(f"CLIP-ES needs a ViT CLIP; {clip.name} has a {type(clip.model.visual).__name__} image tower")
         self.clip = clip
+        #: the logit scale of the softmax: the config's, else the checkpoint's (as the public code)
+        self.logit_scale = float(cfg.logit_scale) if cfg.logit_scale is not None else clip.logit_scale
         self.classes = tuple(classes)
         self.preset = preset = {tuple(VOC_CLASSES): "voc", tuple(COCO_CLASSES): "coco"}.get(self.classes)
         if cfg.box_threshold is not None:
@@ -136,6 +147,8 @@ class ClipEs:
         if img.dim() != 3 or img.shape[-1] != 3:
             raise ShapeError(f"expected an RGB (H, W, 3) image, got shape {tuple(img.shape)}")
         size = rounded_size(img.shape[:2], self.patch)
+        if self.cfg.preprocess == "pil":  # PIL works on the CPU: do not send the image to the device first
+            return self.clip.preprocess_tensor(img, size=size, resize="pil")[0]
         return self.clip.preprocess_tensor(img.to(self.device), size=size)[0]
 
     def image_embedding(self, trace) -> torch.Tensor:
@@ -155,7 +168,7 @@ class ClipEs:
         """
         feats = F.normalize(feats, dim=-1)
         text = torch.cat([self.fg_text, self.bg_text]).to(feats.dtype)
-        logits = self.cfg.logit_scale * feats @ text.T
+        logits = self.logit_scale * feats @ text.T
         K = self.fg_text.shape[0]
         allowed = torch.zeros(feats.shape[0], K + 1, dtype=torch.bool, device=feats.device)
         allowed.scatter_(1, torch.where(keys >= 0, keys, K), True)
@@ -388,7 +401,7 @@ def make_clip_es_cams(
     if isinstance(clip, (str, Path)):
         from wsclip.models.clip import load_clip
 
-        clip = load_clip(clip, device=dev, precision=precision)
+        clip = load_clip(clip, device=dev, precision=precision, act=cfg.clip_act, compat=cfg.compat)
     if isinstance(data, (str, Path)):
         from wsclip.data import open_images
 
@@ -475,13 +488,14 @@ def caa_refine_cam_files(
     if isinstance(clip, (str, Path)):
         from wsclip.models.clip import load_clip
 
-        clip = load_clip(clip, device=dev, precision=precision)
+        clip = load_clip(clip, device=dev, precision=precision, act=cfg.clip_act, compat=cfg.compat)
     ds = data
     if isinstance(data, (str, Path)):
         from wsclip.data import open_images
 
         ds = open_images(data, split)
     labeler = ClipEs(clip, ds.classes, cfg)
+    cfg = labeler.cfg  # resolved
     cam_dir, out = Path(cam_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ds.ids if not (out / f"{i}.npz").is_file()]

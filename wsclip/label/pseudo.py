@@ -33,7 +33,10 @@ ON_ERROR = ("skip", "fail")
 
 @dataclass
 class PseudoConfig:
-    """How CAMs become masks. Defaults: CLIP-ES's background (1 - max)^1, no refinement."""
+    """How CAMs become masks. Defaults: CLIP-ES's background (1 - max)^1, no refinement.
+
+    `compat` ("wsclip" or "official", wsclip.compat) decides the CRF settings left None (crf_params.uint8_wrap).
+    """
 
     key: str = "high_res"  # which maps of the CAM file ("high_res_raw": CLIP-ES maps without CAA)
     bg: str = "power"  # "power": (1 - max)^alpha; "threshold": the constant bg_threshold
@@ -48,6 +51,7 @@ class PseudoConfig:
     rw_bg_threshold: float = 0.20  # VOC (COCO 0.25)
     on_error: str = "fail"
     workers: int | None = None  # CRF worker processes (None: all cores; 0 or 1: in this process)
+    compat: str = "wsclip"
 
     def check(self) -> None:
         if self.bg not in BACKGROUNDS:
@@ -142,7 +146,9 @@ def _finish(job) -> dict:
 
 def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edge=None) -> np.ndarray:
     """One pseudo mask (H, W) uint8 from `read_cams` output; `image` (H, W, 3) uint8 for the CRF, `edge` for IRN."""
-    cfg = cfg or PseudoConfig()
+    from wsclip.compat import resolve
+
+    cfg = resolve(cfg or PseudoConfig())
     cams = cam_file["cams"]
     if edge is not None:
         scores = random_walk_scores(cams, edge, cfg, low=cam_file["file"].get("cam") if cfg.key == "high_res" else None)
@@ -242,7 +248,9 @@ def make_pseudo_masks(
     from wsclip.io import read_errors, write_errors
     from wsclip.progress import progress
 
-    cfg = cfg or PseudoConfig()
+    from wsclip.compat import resolve
+
+    cfg = resolve(cfg or PseudoConfig())
     cfg.check()
     cam_dir, out = Path(cam_dir), Path(out_dir)
     if not cam_dir.is_dir():

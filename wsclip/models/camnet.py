@@ -116,6 +116,7 @@ class CAMNet(nn.Module):
         self.classifier = nn.Conv2d(self.backbone.out_channels, self.num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
         self._bn_frozen = False
+        self._bn1_train = False
         for p in (*self.backbone.conv1.parameters(), *self.backbone.bn1.parameters()):
             p.requires_grad_(False)
         self.train()
@@ -123,12 +124,21 @@ class CAMNet(nn.Module):
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True):
         super().train(mode)
-        self.backbone.bn1.eval()  # conv1/bn1 are frozen, statistics included
+        if not self._bn1_train:
+            self.backbone.bn1.eval()  # conv1/bn1 are frozen, statistics included
         if self._bn_frozen:
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
+
+    def set_bn1(self, mode: str) -> "CAMNet":
+        """bn1 (frozen weights) in training: "eval" keeps its running statistics (wsclip), "train" normalises
+        with batch statistics like the public CLIMS code, which freezes conv1/bn1 by requires_grad only."""
+        if mode not in ("eval", "train"):
+            raise WsclipError(f"bn1 mode must be 'eval' or 'train', got {mode!r}")
+        self._bn1_train = mode == "train"
+        return self.train(self.training)
 
     def freeze_bn(self) -> "CAMNet":
         """Keep every BatchNorm in eval mode (running statistics fixed) from now on."""

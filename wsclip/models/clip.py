@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +27,10 @@ import torch.nn.functional as F
 from wsclip.errors import CheckpointError, MissingFileError, ShapeError, WsclipError
 from wsclip.models.clip_vit import ViTTrace, interpolate_pos_embed
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ClipModel", "ViTTrace", "interpolate_pos_embed", "load_clip", "save_clip"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ACTS", "ClipModel", "ViTTrace", "interpolate_pos_embed", "load_clip", "save_clip"]
+
+#: the activations a CLIP may need: OpenAI's weights were trained with QuickGELU, open_clip's own with GELU
+ACTS = ("quick_gelu", "gelu")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,6 +68,9 @@ class ClipModel:
         self.embed_dim = int(model_cfg.get("embed_dim") or getattr(visual, "output_dim"))
         self.context_length = int(get_model_tokenize_cfg(model).get("context_length", 77))
         self.identity = identity or f"{name}@{source}:{dtype}"
+        #: the activation the model runs (ACTS) and what decided it (e.g. "sidecar", "--clip-act", "ambiguous")
+        self.act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+        self.act_source = "config"
         self.text_cache: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
         self._tokenizer = None
@@ -71,6 +78,12 @@ class ClipModel:
     def __repr__(self) -> str:
         return (f"ClipModel(name={self.name!r}, image_size={self.image_size}, patch_size={self.patch_size}, "
                 f"embed_dim={self.embed_dim}, device={self.device}, dtype={self.dtype})")
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale) of the checkpoint (100 for OpenAI's released weights); 100 when the model has none."""
+        ls = getattr(self.model, "logit_scale", None)
+        return float(ls.detach().float().exp()) if isinstance(ls, torch.Tensor) else 100.0
 
     @property
     def is_vit(self) -> bool:
@@ -123,12 +136,16 @@ class ClipModel:
         feats = self.model.encode_image(pixels.to(device=self.device, dtype=self.dtype)).float()
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def preprocess_tensor(self, images, size=None) -> torch.Tensor:
+    def preprocess_tensor(self, images, size=None, resize: str = "tensor") -> torch.Tensor:
         """(B, 3, h, w) float32 CLIP-normalised pixels on the model's device from uint8 or [0, 1] float images.
 
         Accepts (3, H, W), (B, 3, H, W) or channels-last (H, W, 3) / (B, H, W, 3), tensors or numpy arrays;
-        resizes (bicubic, antialiased) to `size` (int or (h, w); default the model's input size).
+        resizes to `size` (int or (h, w); default the model's input size). resize="tensor": bicubic,
+        antialiased, on float pixels on the device; resize="pil": the public CLIP-ES code's PIL bicubic on
+        the uint8 image (torchvision Resize on a PIL image; uint8 images only), on the CPU.
         """
+        if resize not in ("tensor", "pil"):
+            raise WsclipError(f"unknown resize {resize!r}: use 'tensor' or 'pil'")
         if isinstance(images, torch.Tensor):
             x = images
         else:
@@ -142,9 +159,11 @@ class ClipModel:
             raise ShapeError(f"images must be (B, 3, H, W) or (B, H, W, 3), got {tuple(x.shape)}")
         if x.shape[1] != 3:
             x = x.permute(0, 3, 1, 2)
+        hw = self.image_hw if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+        if resize == "pil":
+            x = _pil_bicubic(x, hw)
         x = x.to(self.device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        hw = self.image_hw if size is None else ((size, size) if isinstance(size, int) else tuple(size))
         if tuple(x.shape[-2:]) != tuple(hw):
             x = F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
@@ -161,18 +180,46 @@ class ClipModel:
         return vit_forward(self.model.visual, pixels.to(self.device), attn_layers, **options)
 
 
+def _pil_bicubic(x: torch.Tensor, hw) -> torch.Tensor:
+    """uint8 (B, 3, H, W) resized to hw one image at a time with PIL's bicubic (two separable passes, each
+    rounded and clipped to uint8), as torchvision's Resize does on a PIL image; uint8 on the CPU."""
+    import numpy as np
+    from PIL import Image
+
+    if x.dtype != torch.uint8:
+        raise WsclipError("the public code's PIL resize (--compat official) takes uint8 images")
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    out = []
+    for im in x.permute(0, 2, 3, 1).cpu().numpy():
+        resized = Image.fromarray(np.ascontiguousarray(im)).resize((int(hw[1]), int(hw[0])), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(resized).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2)
+
+
 # ============================================================================ loading
-def load_clip(path_or_name, device="cpu", precision: str = "fp32", arch=None, quick_gelu: bool | None = None) -> ClipModel:
+def load_clip(path_or_name, device="cpu", precision: str = "fp32", arch=None, quick_gelu: bool | None = None,
+              act: str | None = None, compat: str = "wsclip") -> ClipModel:
     """Load a frozen CLIP from a local file or folder, or from open_clip's registry when given `name:tag`.
 
     Files: OpenAI `.pt` (TorchScript archive or state dict), open_clip `.pt`/`.bin`/`.pth` state dicts (also
     wrapped in {"state_dict": ...} with "module." prefixes), `.safetensors`. `arch`: an open_clip model name
-    or config dict that overrides the sidecar and inference. `quick_gelu`: force the activation (default:
-    from the config, else QuickGELU for OpenAI weights only). Never downloads unless given `name:tag` or
+    or config dict that overrides the sidecar and inference. Never downloads unless given `name:tag` or
     `hf-hub:org/repo`. precision: fp32 | fp16 | bf16.
+
+    Activation (QuickGELU or GELU), first found wins: `act` ("quick_gelu" | "gelu") or `quick_gelu`; the
+    config (arch=, sidecar `model_cfg`, open_clip_config.json) or a sidecar's "act"; an OpenAI TorchScript
+    archive or OpenAI's release layout (fp16 conv/linear, fp32 LayerNorm) -> QuickGELU. A plain state dict
+    cannot tell (OpenAI's and open_clip's key layouts are the same): then `compat` decides (wsclip: GELU,
+    official: QuickGELU as the public code's `clip` package) and a warning says so. The choice is in
+    `clip.act` / `clip.act_source`.
     """
     if precision not in PRECISIONS:
         raise WsclipError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if act is not None:
+        if act not in ACTS:
+            raise WsclipError(f"unknown CLIP activation {act!r}: use one of {', '.join(ACTS)}")
+        quick_gelu = act == "quick_gelu"
     dev = _device(device)
     spec = os.fspath(path_or_name)
     path = Path(spec).expanduser()
@@ -187,10 +234,10 @@ def load_clip(path_or_name, device="cpu", precision: str = "fp32", arch=None, qu
         raise MissingFileError(_missing_message(spec))
     if hub_cfg is None:
         hub_cfg = _read_json(path.parent / "open_clip_config.json")
-    return _load_file(path, dev, precision, arch, quick_gelu, hub_cfg)
+    return _load_file(path, dev, precision, arch, quick_gelu, hub_cfg, compat)
 
 
-def _load_file(path: Path, dev: torch.device, precision: str, arch, quick_gelu, hub_cfg) -> ClipModel:
+def _load_file(path: Path, dev: torch.device, precision: str, arch, quick_gelu, hub_cfg, compat="wsclip") -> ClipModel:
     import open_clip
     from open_clip.model import convert_weights_to_lp
 
@@ -202,7 +249,13 @@ def _load_file(path: Path, dev: torch.device, precision: str, arch, quick_gelu, 
     cf.check_is_clip(sd, path)
     openai = cf.looks_openai(sd, fmt)
     side = _read_sidecar(path)
+    side_act = side.get("act") if side is not None else None
+    if side_act is not None and side_act not in ACTS:
+        raise CheckpointError(f"{sidecar_path(path)}: 'act' is {side_act!r}; use one of {', '.join(ACTS)}")
+    if side is not None and "model_cfg" not in side:  # a sidecar that only states the activation
+        side = None
     mean, std = CLIP_MEAN, CLIP_STD
+    act_source = None
     if arch is not None:
         if isinstance(arch, dict):
             cfg, name, origin = copy.deepcopy(arch), path.stem, "the arch= config"
@@ -215,21 +268,39 @@ def _load_file(path: Path, dev: torch.device, precision: str, arch, quick_gelu, 
             origin = f"arch={arch!r}"
         if quick_gelu is None and "quick_gelu" not in cfg and openai:
             cfg["quick_gelu"] = True
+        act_source = origin
     elif side is not None:
         cfg, name, origin = copy.deepcopy(side["model_cfg"]), str(side.get("name") or path.stem), f"sidecar {sidecar_path(path).name}"
         mean, std = side.get("mean", mean), side.get("std", std)
+        act_source = origin
     elif hub_cfg is not None:
         cfg, name, origin = copy.deepcopy(hub_cfg["model_cfg"]), path.parent.name, "open_clip_config.json"
         pp = hub_cfg.get("preprocess_cfg") or {}
         mean, std = pp.get("mean", mean), pp.get("std", std)
+        act_source = origin
     else:
         inferred = cf.infer_model_cfg(sd, path)
         found = cf.match_registry(inferred, sd)
         name, cfg = (found[0], copy.deepcopy(found[1])) if found else (_custom_name(inferred), inferred)
         cfg["quick_gelu"] = openai
         origin = "inferred"
+        act_source = "OpenAI file layout" if openai else None
     if quick_gelu is not None:
         cfg["quick_gelu"] = bool(quick_gelu)
+        act_source = "--clip-act"
+    elif side_act is not None:
+        cfg["quick_gelu"] = side_act == "quick_gelu"
+        act_source = f"sidecar {sidecar_path(path).name}"
+    elif act_source is None:  # nothing in or beside the file says which activation it needs
+        from wsclip.compat import value
+
+        fallback = value("clip_act_fallback", compat)
+        cfg["quick_gelu"] = fallback == "quick_gelu"
+        act_source = "ambiguous"
+        warnings.warn(f"{path}: a plain state dict cannot say whether its CLIP needs QuickGELU (OpenAI weights) or "
+                      f"GELU (open_clip's); using {fallback} (--compat {compat}). State it with --clip-act "
+                      f"quick_gelu|gelu or a sidecar {sidecar_path(path).name} holding {{\"act\": ...}}",
+                      stacklevel=3)
 
     dtype = PRECISIONS[precision]
     cast = None if precision == "fp32" else dtype
@@ -252,8 +323,11 @@ def _load_file(path: Path, dev: torch.device, precision: str, arch, quick_gelu, 
         convert_weights_to_lp(model, dtype=dtype)
     model.to(dev)
     stat = path.stat()
-    identity = f"{name}@{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{precision}"
-    return ClipModel(model, name, cfg, mean=mean, std=std, dtype=dtype, source=str(path), identity=identity)
+    act = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
+    identity = f"{name}@{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{precision}:{act}"
+    clip = ClipModel(model, name, cfg, mean=mean, std=std, dtype=dtype, source=str(path), identity=identity)
+    clip.act_source = act_source
+    return clip
 
 
 def _load_hub(spec: str, dev: torch.device, precision: str) -> ClipModel:
@@ -352,6 +426,8 @@ def _read_sidecar(path: Path) -> dict | None:
     if kind is not None and kind != "clip":
         raise CheckpointError(f"{path} is a '{kind}' checkpoint (per {side.name}), expected a 'clip' checkpoint")
     if "model_cfg" not in data:
+        if "act" in data:  # states the activation only; the architecture is inferred
+            return data
         if kind == "clip":
             raise CheckpointError(f"{side} lacks 'model_cfg' (the open_clip config with embed_dim, vision_cfg, text_cfg)")
         return None

@@ -17,8 +17,8 @@ import numpy as np
 from wsclip.errors import MissingExtraError, ShapeError
 from wsclip.workers import die_with_parent
 
-#: BGR Caffe/ImageNet mean of the public CLIP-ES code, here in RGB order (uint8 compat only)
-_COMPAT_MEAN_RGB = np.array([122.675, 116.669, 104.008], dtype=np.float64)
+#: BGR Caffe/ImageNet mean the public CLIP-ES code subtracts from its OpenCV (BGR) image (uint8 compat only)
+_COMPAT_MEAN_BGR = np.array([104.008, 116.669, 122.675], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,9 @@ class CRFParams:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
-    #: reproduce the public code: feed (image - mean) cast to uint8, so negative values wrap
-    uint8_wrap: bool = False
+    #: reproduce the public code: feed the BGR image minus the BGR mean cast to uint8, so negative values
+    #: wrap (None: decided by --compat, `wsclip.compat`; off for wsclip)
+    uint8_wrap: bool | None = None
 
 
 def _densecrf():
@@ -49,11 +50,16 @@ def check_available() -> None:
 
 
 def crf_image(image: np.ndarray, uint8_wrap: bool = False) -> np.ndarray:
-    """The reference image the bilateral kernel sees: the RGB image, or the public code's wrapped one."""
+    """The reference image the bilateral kernel sees from an RGB uint8 image.
+
+    Default: the RGB image itself. uint8_wrap: the public CLIP-ES code's, i.e. the image in BGR channel
+    order (it reads with OpenCV) minus the BGR mean, cast to uint8 so negative values wrap. The
+    bilateral kernel is not symmetric in channel order (srgb is per channel), so the order matters.
+    """
     image = np.asarray(image)
     if not uint8_wrap:
         return np.ascontiguousarray(image.astype(np.uint8))
-    shifted = image.astype(np.float64) - _COMPAT_MEAN_RGB
+    shifted = image[..., ::-1].astype(np.float64) - _COMPAT_MEAN_BGR
     # C casts of negative floats to uint8 are undefined; truncate then wrap modulo 256 explicitly
     return np.ascontiguousarray((np.trunc(shifted).astype(np.int64) & 0xFF).astype(np.uint8))
 
@@ -75,7 +81,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams = CRFParam
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=crf_image(image, params.uint8_wrap),
+        rgbim=crf_image(image, bool(params.uint8_wrap)),
         compat=params.bilateral_compat,
     )
     q = crf.inference(params.iters)

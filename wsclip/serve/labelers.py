@@ -68,6 +68,8 @@ class LabelerConfig:
     backend: str = "auto"             # PyTorch models: auto, eager, channels-last, bf16, compile (label/backends.py)
     threads: int | None = None        # ONNX Runtime intra-op threads
     classes: str | None = None        # clip-es: voc, coco or a class-list file (networks carry their own)
+    compat: str = "wsclip"            # wsclip or official: the public code's behaviours (wsclip.compat)
+    clip_act: str | None = None       # CLIP activation (quick_gelu | gelu) when the file cannot tell
     options: dict = field(default_factory=dict)  # clip-es: ClipEsConfig fields, and alpha
 
     def replace(self, **kw) -> "LabelerConfig":
@@ -89,6 +91,7 @@ class LabelResult:
     cams: np.ndarray | None = None
     crf_scores: np.ndarray | None = None
     crf_values: np.ndarray | None = None
+    crf_params: object | None = None  # the CRFParams of the labeler (its --compat), used by refine_result
     scores: np.ndarray | None = None
     predicted: bool = False
 
@@ -192,6 +195,10 @@ class Labeler:
             raise WsclipError(f"unknown refinement '{cfg.refine}': use one of {', '.join(REFINEMENTS)}")
         self.refine = cfg.refine
         self.predictor = None
+        from wsclip.compat import resolve
+        from wsclip.refine.crf import CRFParams
+
+        self.crf_params = resolve(CRFParams(), cfg.compat)  # the --compat official CRF image (BGR, uint8 wrap)
         self.variant: str | None = None  # PyTorch modules: the backend variant once resolved
 
     @property
@@ -460,7 +467,10 @@ class CamNetLabeler(Labeler):
             y_np, scores = self._fill_labels(images, labels, own)
             y = torch.from_numpy(y_np).to(cams.device)
             mask = self._irn_mask(x, cams, y) if self.irn is not None else None
-        return _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask)
+            results = _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask)
+        for r in results:
+            r.crf_params = self.crf_params
+        return results
 
     def _irn_mask(self, x: torch.Tensor, cams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """IRN random walk (radius 5, beta 10, 2^8 steps) of the stride-4 CAMs on the boundary map; (B, H, W)."""
@@ -540,6 +550,7 @@ class SegNetLabeler(Labeler):
             r = LabelResult(mask=mask[i], keys=(keys[keys > 0].astype(np.int64) - 1))
             if self.refine == "crf":
                 r.crf_scores = (probs[i] * allow[i, :, None, None]).cpu().numpy()
+                r.crf_params = self.crf_params
                 r.crf_values = np.arange(probs.shape[1], dtype=np.uint8)
             out.append(r)
         return out
@@ -569,14 +580,14 @@ class ClipEsLabeler(Labeler):
         opts = dict(cfg.options)
         self.pseudo = PseudoConfig(alpha=float(opts.pop("alpha", 1.0)))
         classes = resolve_classes(cfg.classes or "voc")
-        clip = load_clip(cfg.clip, device=device)
-        compute = {"auto": "auto", "eager": "fp32", "bf16": "bf16"}.get(cfg.backend)
-        if compute is None:
+        clip = load_clip(cfg.clip, device=device, act=cfg.clip_act, compat=cfg.compat)
+        compute = {"auto": None, "eager": "fp32", "bf16": "bf16"}.get(cfg.backend, "unknown")
+        if compute == "unknown":
             raise WsclipError(f"--backend {cfg.backend} does not apply to clip-es (GradCAM needs PyTorch autograd): "
                               "use auto, eager (fp32) or bf16")
         opts.setdefault("compute", compute)
         try:
-            self.impl = ClipEs(clip, classes, ClipEsConfig(**opts))
+            self.impl = ClipEs(clip, classes, ClipEsConfig(**{"compat": cfg.compat, **opts}))
         except TypeError as exc:
             raise WsclipError(f"unknown CLIP-ES option: {exc}") from None
         super().__init__(cfg, classes, device, "pytorch")
@@ -602,6 +613,7 @@ class ClipEsLabeler(Labeler):
                 r.cams = high
             if self.refine == "crf":
                 r.crf_scores = stacked
+                r.crf_params = self.crf_params
                 r.crf_values = np.concatenate([[0], keys[i] + 1]).astype(np.uint8)
             out.append(r)
         return out
@@ -691,7 +703,7 @@ def refine_result(image: np.ndarray, result: LabelResult, crf_params=None) -> La
     if result.crf_scores.shape[0] <= 1:  # background only: nothing to refine
         result.crf_scores = None
         return result
-    q = dense_crf(image, result.crf_scores, crf_params or CRFParams())
+    q = dense_crf(image, result.crf_scores, crf_params or result.crf_params or CRFParams())
     result.mask = result.crf_values[q.argmax(0)].astype(np.uint8)
     result.crf_scores = None
     return result

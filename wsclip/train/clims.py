@@ -83,6 +83,9 @@ class ClimsObjective:
 
     def __init__(self, clip, fg_text: torch.Tensor, bg_text: torch.Tensor, cfg: ClimsConfig,
                  bg_mask: torch.Tensor | None = None):
+        from wsclip.compat import resolve
+
+        cfg = resolve(cfg)
         self.clip, self.cfg = clip, cfg
         self.fg_text, self.bg_text = fg_text, bg_text
         self.bg_mask = bg_mask.to(fg_text.device) if bg_mask is not None else None
@@ -145,11 +148,18 @@ def encode_masked_pairs(model, batch, clip, norm, backend: str = "auto"):
     return cams, pairs, feats[:m], feats[m:]
 
 
-def load_frozen_clip(spec: str, device, precision: str = "fp32"):
-    """load_clip + an explicit freeze (eval mode, no parameter requires grad)."""
+def prepare_camnet(net, cfg: ClimsConfig):
+    """The CAM network as CLIMS trains it under `cfg` (resolved): bn1 in eval (wsclip) or train (public) mode."""
+    from wsclip.compat import resolve
+
+    return net.set_bn1(resolve(cfg).bn1)
+
+
+def load_frozen_clip(spec: str, device, precision: str = "fp32", act: str | None = None, compat: str = "wsclip"):
+    """load_clip + an explicit freeze (eval mode, no parameter requires grad); `act`/`compat` as load_clip's."""
     from wsclip.models.clip import load_clip
 
-    clip = load_clip(spec, device=device, precision=precision)
+    clip = load_clip(spec, device=device, precision=precision, act=act, compat=compat)
     clip.model.eval()
     for p in clip.model.parameters():
         p.requires_grad_(False)
@@ -166,7 +176,9 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     from wsclip.train.baseline_cam import FINAL_NAME, camnet_meta, open_train_dataset, trainer_kwargs
     from wsclip.train.loop import Trainer, init_distributed, rank, resolve_device, seed_everything
 
-    cfg.validate()
+    from wsclip.compat import resolve
+
+    cfg = resolve(cfg.validate())
     init_distributed()
     device = resolve_device(cfg.device)
     ds = dataset if dataset is not None else open_train_dataset(cfg)
@@ -189,8 +201,9 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
             print("note: CLIMS starts from a baseline CAM network in the papers; pass --init "
                   "(the output of `wsclip train cam`)", file=sys.stderr)
 
+    prepare_camnet(net, cfg)
     if clip is None:
-        clip = load_frozen_clip(cfg.clip, device, cfg.clip_precision)
+        clip = load_frozen_clip(cfg.clip, device, cfg.clip_precision, act=cfg.clip_act, compat=cfg.compat)
     fg_text = clip.encode_text([cfg.template.format(n) for n in names]).to(device)
     bg_text = clip.encode_text([cfg.template.format(w) for w in background]).to(device)
     objective = ClimsObjective(clip, fg_text, bg_text, cfg, word_mask)
