@@ -1,78 +1,67 @@
-"""Learning test: the real pipeline learns on a small synthetic world (CPU, about three minutes).
+"""Learning test: the real pipeline learns on a small synthetic world (CPU, a few minutes).
 
-One module-scoped run: a 400 + 80 scene world, the ResNet tiny CLIP trained in this session
-(100 steps), the baseline CAM network (100 steps), CLIMS (OTM+BTM+REG+CBS, synth preset
-weights) from the baseline (120 steps, as the papers start) and from random weights (600
-steps). Val CAMs of an untrained network, the baseline and both CLIMS networks are scored with
-`wsclip.demo.cam_metrics`: CAM mIoU (best background threshold), object AUC (threshold-free: does
-a class's CAM rank its object pixels above background pixels), co-occurring-background false
-activation (co-bg FA) and object coverage (both at CAM > 0.15).
+One module-scoped run, the demo's recipe at a CI budget: a 400 + 60 scene world at 64 px (the demo's is
+128 px; the synth preset's stride-8 network gives 8x8 CAMs here), the ResNet tiny CLIP trained in this
+session (CLIP_STEPS), the baseline CAM network and CLIMS (OTM+BTM+REG+CBS, synth preset weights) from
+the baseline, as the papers start. Val CAMs of an untrained network, the baseline and CLIMS are scored
+with `wsclip.demo.cam_metrics`: CAM mIoU (best background threshold), object AUC (threshold-free),
+co-occurring-background false activation (co-bg FA) and object coverage (both at CAM > 0.15).
 
-Measured on the 2-core dev box (seed 0, torch 2.14.1 CPU):
-- tiny CLIP top-1 in labels 0.725, masked-object top-1 0.55 (chance 0.17);
-- CAM mIoU / object AUC: untrained 0.206 / 0.658, baseline 0.138 / 0.462 (it learned the
-  co-occurring backgrounds), CLIMS from random weights 0.245 / 0.771 (training seeds 1 and 2,
-  same world and CLIP: 0.215 / 0.689 and 0.251 / 0.795);
-- co-bg FA untrained 0.57, baseline 0.76, CLIMS from the baseline 0.46 (torch 2.15: 0.24), its
-  object coverage 0.41.
-Broken on purpose (same runs, one change each), every one fails a check:
-- OTM sign flipped: from random weights mIoU 0.153 / AUC 0.532; from the baseline co-bg FA 0.63;
-- BTM sign flipped: 0.178 / 0.642; coverage 0.06;
-- fg and bg swapped: 0.168 / 0.582; coverage 0.00.
-At this budget CLIMS started from the baseline does not yet beat the untrained network on mIoU
-(0.16): it first has to unlearn the backgrounds (the longer run in BENCHMARKS.md does).
+WSCLIP_LEARNING_SEED (default 0) sets the training seed (baseline and CLIMS; world and CLIP stay at 0):
+BENCHMARKS.md's 3-seed sign check runs this file with 0, 1 and 2. The margins below come from those runs
+(figures in MEASURED) with room; each check fails when a loss sign is flipped or fg and bg are swapped
+(see BENCHMARKS.md for those runs).
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
 
-from wsclip.demo import DemoConfig, _bg_of_val, build_world, cam_metrics, train_baseline, train_variant
+from wsclip.demo import DemoConfig, _bg_of_val, build_world, cam_metrics, train_baseline, train_variant, untrained_net
 
-N_TRAIN, N_VAL = 400, 80
-CLIP_STEPS, CLIP_BATCH = 100, 32
-CAM_STEPS, CLIMS_STEPS, SCRATCH_STEPS = 100, 120, 600
-MIN_CLIP_TOP1 = 0.55  # "the tiny CLIP ranks a right class first for most val images" (measured 0.725)
-MIN_OBJECT_TOP1 = 0.35  # masked objects alone, 6 classes (chance 0.17; measured 0.55)
-MIN_BASELINE_EXCESS_FA = 0.10  # baseline over untrained co-bg FA (measured +0.19)
-MIN_CLIMS_FA_DROP = 0.20  # CLIMS under baseline co-bg FA (measured -0.31, torch 2.15 -0.52; OTM sign flipped -0.14)
-MIN_CLIMS_COVERAGE = 0.15  # CLIMS still covers its objects (measured 0.41; BTM flipped 0.06, fg/bg swapped 0.00)
-# CLIMS from random weights over the untrained network: measured +0.113 AUC / +0.039 mIoU (training seeds 1 and 2:
-# +0.031 / +0.009 and +0.137 / +0.045); every broken variant lands below the untrained network on both
-MIN_AUC_GAIN, MIN_MIOU_GAIN = 0.02, 0.005
-MIN_MIOU_OVER_BASELINE = 0.05  # measured +0.107
+N_TRAIN, N_VAL, SIZE = 400, 60, 64
+CLIP_STEPS, CLIP_BATCH, CLIP_CORPUS = 100, 32, 1600
+CAM_STEPS, CLIMS_STEPS = 100, 120
+TRAIN_SEED = int(os.environ.get("WSCLIP_LEARNING_SEED", "0"))
+
+MIN_OBJECT_TOP1 = 0.50  # masked objects alone get their class (6 classes, chance 0.17)
+MIN_SPREAD = 0.70  # share of objects whose masked image is closer to its class prompt than the image without it
+MIN_BASELINE_EXCESS_FA = 0.05  # the baseline fires on co-occurring background more than an untrained network
+MIN_CLIMS_FA_DROP = 0.10  # CLIMS under the baseline's co-bg FA
+MIN_CLIMS_COVERAGE = 0.15  # CLIMS still covers its objects
+MIN_MIOU_OVER_UNTRAINED = 0.03  # CLIMS CAM mIoU over the untrained network
+MIN_MIOU_OVER_BASELINE = 0.05  # CLIMS CAM mIoU over the baseline
+MIN_AUC_OVER_UNTRAINED = 0.05  # CLIMS object AUC over the untrained network
 
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     from wsclip.data import open_dataset
     from wsclip.label.clims_cam import make_cams
-    from wsclip.models.camnet import build_camnet
     from wsclip.train.clims import load_frozen_clip
     from wsclip.train.tiny_clip import TinyClipConfig, train_tiny_clip
 
     root = tmp_path_factory.mktemp("learning")
-    cfg = DemoConfig(out=str(root), n_train=N_TRAIN, n_val=N_VAL, cam_steps=CAM_STEPS, clims_steps=CLIMS_STEPS,
-                     workers=0)
+    cfg = DemoConfig(out=str(root), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, cam_steps=CAM_STEPS,
+                     clims_steps=CLIMS_STEPS, workers=0, train_seed=TRAIN_SEED)
     world = build_world(cfg, root)
     val = open_dataset(f"voc:{world}", split="val")
     backgrounds = _bg_of_val(cfg, val.ids)
 
     clip_file = root / "tiny-clip.safetensors"
     summary = train_tiny_clip(clip_file, TinyClipConfig(steps=CLIP_STEPS, batch_size=CLIP_BATCH, warmup=5, arch="rn",
-                                                        checkpoint_every=0), eval_n=N_VAL)
+                                                        size=SIZE, corpus=CLIP_CORPUS, checkpoint_every=0),
+                              eval_n=N_VAL)
     clip = load_frozen_clip(str(clip_file), "cpu")
 
     cam_ckpt = train_baseline(cfg, world, root / "runs")
     clims_ckpt = train_variant(cfg, "OTM+BTM+REG+CBS", world, root / "runs", cam_ckpt, clip_file, clip)
-    scratch_ckpt = train_variant(cfg, "OTM+BTM+REG+CBS", world, root / "runs", None, clip_file, clip,
-                                 steps=SCRATCH_STEPS)
-    torch.manual_seed(0)
-    nets = {"untrained": build_camnet("tiny", len(val.classes)).eval(), "baseline": cam_ckpt, "clims": clims_ckpt,
-            "clims_scratch": scratch_ckpt}
+    torch.manual_seed(TRAIN_SEED)
+    nets = {"untrained": untrained_net(len(val.classes)), "baseline": cam_ckpt, "clims": clims_ckpt}
     scores = {}
     for name, net in nets.items():
         make_cams(net, val, root / "cams" / name, split="val", scales=(1.0, 2.0), device="cpu", num_workers=0)
@@ -84,12 +73,13 @@ def learned(tmp_path_factory):
     return report
 
 
-def test_tiny_clip_ranks_a_right_class_first_for_most_val_images(learned):
-    assert learned["clip"]["top1_in_labels"] >= MIN_CLIP_TOP1, learned["clip"]
-
-
 def test_tiny_clip_recognises_masked_objects_without_their_background(learned):
     assert learned["clip"]["object_top1"] >= MIN_OBJECT_TOP1, learned["clip"]
+
+
+def test_tiny_clip_similarity_tells_the_object_from_the_rest(learned):
+    assert learned["clip"]["s_fg_gt_s_bg"] >= MIN_SPREAD, learned["clip"]
+    assert learned["clip"]["median_s_fg"] > learned["clip"]["median_s_bg"], learned["clip"]
 
 
 def test_the_baseline_cam_fires_on_co_occurring_background(learned):
@@ -104,13 +94,11 @@ def test_clims_still_covers_its_objects(learned):
     assert learned["clims"]["object_coverage"] >= MIN_CLIMS_COVERAGE, learned
 
 
-def test_clims_localises_objects_better_than_untrained_and_baseline(learned):
-    auc = {k: learned[k]["object_auc"] for k in ("untrained", "baseline", "clims_scratch")}
-    assert auc["clims_scratch"] >= auc["untrained"] + MIN_AUC_GAIN, learned
-    assert auc["clims_scratch"] >= auc["baseline"] + MIN_AUC_GAIN, learned
+def test_clims_localises_objects_better_than_untrained(learned):
+    assert learned["clims"]["object_auc"] >= learned["untrained"]["object_auc"] + MIN_AUC_OVER_UNTRAINED, learned
 
 
 def test_clims_cam_miou_beats_untrained_and_baseline(learned):
-    miou = {k: learned[k]["cam_miou"] for k in ("untrained", "baseline", "clims_scratch")}
-    assert miou["clims_scratch"] >= miou["untrained"] + MIN_MIOU_GAIN, learned
-    assert miou["clims_scratch"] >= miou["baseline"] + MIN_MIOU_OVER_BASELINE, learned
+    miou = {k: learned[k]["cam_miou"] for k in ("untrained", "baseline", "clims")}
+    assert miou["clims"] >= miou["untrained"] + MIN_MIOU_OVER_UNTRAINED, learned
+    assert miou["clims"] >= miou["baseline"] + MIN_MIOU_OVER_BASELINE, learned

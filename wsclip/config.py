@@ -159,7 +159,9 @@ class IrnConfig(TrainConfig):
 # ----------------------------------------------------------------------------- presets
 _VOC = dict(data="", split="train_aug", crop=512, resize_long=(320, 640))
 _COCO = dict(split="train", crop=512, resize_long=(320, 640))
-_SYNTH = dict(split="train", backbone="tiny", crop=96, resize_long=(64, 128), num_workers=2, ckpt_every=100, log_every=5)
+# the synthetic world (128 px scenes): the tiny ResNet at output stride 8, so CAMs are 16x16 on a 128 px image
+_SYNTH = dict(split="train", backbone="tiny-s8", crop=128, resize_long=(96, 160), num_workers=2, ckpt_every=100,
+              log_every=5)
 
 PRESETS: dict[type, dict[str, dict[str, Any]]] = {
     IrnConfig: {

@@ -99,7 +99,7 @@ def test_baseline_then_clims_killed_and_resumed_matches(world, clip, tmp_path):
     assert rc == 0
     base = tmp_path / "cam" / "camnet.safetensors"
     net0, meta0 = load_camnet(base)
-    assert meta0["trained"] == "cam" and meta0["preset"] == "synth" and meta0["backbone"] == "tiny"
+    assert meta0["trained"] == "cam" and meta0["preset"] == "synth" and meta0["backbone"] == "tiny-s8"
     # the baseline trains with frozen BN: running statistics never moved
     bn = net0.backbone.layer2[0].bn1
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and int(bn.num_batches_tracked) == 0

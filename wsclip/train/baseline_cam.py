@@ -67,7 +67,7 @@ def train_cam(cfg: CamConfig, resume: bool = False, dataset=None, callbacks: Ite
     ds = dataset if dataset is not None else open_train_dataset(cfg)
     seed_everything(cfg.seed)
     net = build_camnet(cfg.backbone, len(ds.classes), cfg.pretrained)
-    if not cfg.pretrained and cfg.backbone != "tiny" and rank() == 0:
+    if not cfg.pretrained and not cfg.backbone.startswith("tiny") and rank() == 0:
         print(f"note: the {cfg.backbone} backbone starts from random weights; the papers start from ImageNet: "
               "pass --pretrained FILE (a torchvision state dict)", file=sys.stderr)
     if cfg.freeze_bn:
