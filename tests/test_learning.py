@@ -38,37 +38,48 @@ MIN_MIOU_OVER_BASELINE = 0.05  # CLIMS CAM mIoU over the baseline
 MIN_AUC_OVER_UNTRAINED = 0.05  # CLIMS object AUC over the untrained network
 
 
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    from wsclip.data import open_dataset
-    from wsclip.label.clims_cam import make_cams
-    from wsclip.train.clims import load_frozen_clip
+def train_clip(root):
+    """The ResNet tiny CLIP of the learning world: (file, zero-shot summary on val)."""
     from wsclip.train.tiny_clip import TinyClipConfig, train_tiny_clip
-
-    root = tmp_path_factory.mktemp("learning")
-    cfg = DemoConfig(out=str(root), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, cam_steps=CAM_STEPS,
-                     clims_steps=CLIMS_STEPS, workers=0, train_seed=TRAIN_SEED)
-    world = build_world(cfg, root)
-    val = open_dataset(f"voc:{world}", split="val")
-    backgrounds = _bg_of_val(cfg, val.ids)
 
     clip_file = root / "tiny-clip.safetensors"
     summary = train_tiny_clip(clip_file, TinyClipConfig(steps=CLIP_STEPS, batch_size=CLIP_BATCH, warmup=5, arch="rn",
                                                         size=SIZE, corpus=CLIP_CORPUS, checkpoint_every=0),
                               eval_n=N_VAL)
-    clip = load_frozen_clip(str(clip_file), "cpu")
+    return clip_file, summary["eval"]
 
-    cam_ckpt = train_baseline(cfg, world, root / "runs")
-    clims_ckpt = train_variant(cfg, "OTM+BTM+REG+CBS", world, root / "runs", cam_ckpt, clip_file, clip)
-    torch.manual_seed(TRAIN_SEED)
+
+def learning_run(root, train_seed: int = TRAIN_SEED, clip=None) -> dict:
+    """World, tiny CLIP (or `clip` = (file, eval) made by train_clip), baseline, CLIMS; the scores of each."""
+    from wsclip.data import open_dataset
+    from wsclip.label.clims_cam import make_cams
+    from wsclip.train.clims import load_frozen_clip
+
+    cfg = DemoConfig(out=str(root), n_train=N_TRAIN, n_val=N_VAL, size=SIZE, cam_steps=CAM_STEPS,
+                     clims_steps=CLIMS_STEPS, workers=0, seed=0, train_seed=train_seed)
+    world = build_world(cfg, root)
+    val = open_dataset(f"voc:{world}", split="val")
+    backgrounds = _bg_of_val(cfg, val.ids)
+    clip_file, clip_eval = clip or train_clip(root)
+    frozen = load_frozen_clip(str(clip_file), "cpu")
+
+    runs = root / f"runs-seed{train_seed}"
+    cam_ckpt = train_baseline(cfg, world, runs)
+    clims_ckpt = train_variant(cfg, "OTM+BTM+REG+CBS", world, runs, cam_ckpt, clip_file, frozen)
+    torch.manual_seed(train_seed)
     nets = {"untrained": untrained_net(len(val.classes)), "baseline": cam_ckpt, "clims": clims_ckpt}
-    scores = {}
+    report = {"clip": clip_eval}
     for name, net in nets.items():
-        make_cams(net, val, root / "cams" / name, split="val", scales=(1.0, 2.0), device="cpu", num_workers=0)
-        scores[name] = cam_metrics(root / "cams" / name, val, backgrounds)
-    report = {"clip": summary["eval"], **{k: {m: v[m] for m in ("cam_miou", "threshold", "co_bg_fa", "object_coverage",
-                                                                     "object_auc")}
-                                          for k, v in scores.items()}}
+        cams = root / f"cams-seed{train_seed}" / name
+        make_cams(net, val, cams, split="val", scales=(1.0, 2.0), device="cpu", num_workers=0)
+        r = cam_metrics(cams, val, backgrounds)
+        report[name] = {m: r[m] for m in ("cam_miou", "threshold", "co_bg_fa", "object_coverage", "object_auc")}
+    return report
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    report = learning_run(tmp_path_factory.mktemp("learning"))
     print("learning test figures:", json.dumps(report))
     return report
 

@@ -123,6 +123,10 @@ def test_baseline_then_clims_killed_and_resumed_matches(world, clip, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
     # and training moved the weights away from the baseline
     assert not torch.allclose(a.classifier.weight, net0.classifier.weight)
+    # the synth preset keeps the baseline's BN statistics (freeze_bn); the papers' setting trains them
+    assert torch.equal(a.backbone.layer2[0].bn1.running_mean, bn.running_mean)
+    free = train_clims(_cfg(world, tmp_path / "free", init=str(base), max_steps=2, freeze_bn=False), clip=clip)
+    assert not torch.equal(load_camnet(free)[0].backbone.layer2[0].bn1.running_mean, bn.running_mean)
 
 
 def test_torchrun_two_processes_match_single_process(world, clip, tmp_path):
