@@ -73,10 +73,11 @@ def markdown(runs: dict[int, dict], command: str, machine: str) -> str:
     lines += ["", effects_markdown(runs)]
     irn = first.get("irn_thresholds_from_train")
     if irn:
-        lines += ["", f"IRN thresholds chosen on train (first {s.get('threshold_images', '-')} / {s.get('rw_images', '-')} "
-                  f"train images, never val): best train CAM threshold {irn['train_cam_threshold']:.2f} (train CAM mIoU "
-                  f"{100 * irn['train_cam_miou']:.1f}) -> seeds fg {irn['fg_threshold']:.2f} / bg {irn['bg_threshold']:.2f}; "
-                  f"random-walk background threshold {irn['rw_bg_threshold']:.2f}."]
+        lines += ["", f"IRN thresholds chosen on train (first {s.get('threshold_images', '-')} / "
+                  f"{s.get('rw_images', '-')} train images, never val): best train CAM threshold "
+                  f"{irn['train_cam_threshold']:.2f} (train CAM mIoU {100 * irn['train_cam_miou']:.1f}) -> seeds fg "
+                  f"{irn['fg_threshold']:.2f} / bg {irn['bg_threshold']:.2f}; random-walk background threshold "
+                  f"{irn['rw_bg_threshold']:.2f}."]
     zs = first.get("tiny_clip_zero_shot") or {}
     lines += ["", "CAM mIoU: best constant background threshold of 0.05..0.95 on val. Pseudo masks: CLIMS/baseline "
               "CAMs with that threshold, CLIP-ES with (1 - max) background, then the listed refinement. co-bg FA: "
@@ -95,7 +96,8 @@ def effects_markdown(runs: dict[int, dict]) -> str:
     seeds = sorted(runs)
     per = {seed: {e["effect"]: e for e in runs[seed].get("effects") or []} for seed in seeds}
     names = [e["effect"] for e in runs[seeds[0]].get("effects") or []]
-    head = "| effect (the papers' claim) | target | " + " | ".join(f"seed {s}" for s in seeds) + " | sign on every seed |"
+    head = ("| effect (the papers' claim) | target | " + " | ".join(f"seed {s}" for s in seeds)
+            + " | sign on every seed |")
     lines = [head, "|---|---:|" + "---:|" * len(seeds) + "---|"]
     for name in names:
         es = [per[s].get(name) for s in seeds]

@@ -92,6 +92,7 @@ class DemoConfig:
     crf: bool = True
     irn: bool = False
     irn_steps: int = 150
+    irn_images: int = 0  # train images the IRN boundary network learns from (0: all)
     threshold_images: int = 300  # train images the IRN seed thresholds are chosen on
     rw_images: int = 100  # train images the random walk's background threshold is chosen on
     fa_threshold: float = 0.15
@@ -105,7 +106,7 @@ class DemoConfig:
 
     @classmethod
     def full(cls, **kw) -> "DemoConfig":
-        base = dict(out="runs/synth_ablation", n_train=1000, n_val=200, irn=True, overlays=8)
+        base = dict(out="runs/synth_ablation", irn=True, irn_images=300)
         return cls(**{**base, **kw})
 
     @property
@@ -544,7 +545,8 @@ def run_demo(cfg: DemoConfig | None = None, fresh: bool = False) -> dict:
     (out / "overlays").mkdir(exist_ok=True)
     for name, r in rows.items():
         save_overlays(out / "overlays" / f"{slug(name)}.png", val, {name: r}, picks)
-    compare = {k: rows[k] for k in ("baseline CAM", f"CLIMS {cfg.variants[-1]}", scratch_name, "CLIP-ES + CAA + CRF" if cfg.crf else "CLIP-ES + CAA")
+    clip_es_row = "CLIP-ES + CAA + CRF" if cfg.crf else "CLIP-ES + CAA"
+    compare = {k: rows[k] for k in ("baseline CAM", f"CLIMS {cfg.variants[-1]}", scratch_name, clip_es_row)
                if k in rows}
     save_overlays(out / "overlays.png", val, compare, picks)
     times["report"] = time.time() - t
@@ -570,15 +572,23 @@ def train_boundary(cfg: DemoConfig, world: Path, runs: Path, cams_root: Path, ca
     from wsclip.label.clims_cam import make_cams
     from wsclip.train.irn import FINAL_NAME, train_irn
 
+    from wsclip.data.synth import scene_id
+    from wsclip.io import atomic_write_text
+
+    split = "train"
+    if 0 < cfg.irn_images < cfg.n_train:  # a split list of the first irn_images train scenes
+        split = f"train{cfg.irn_images}"
+        atomic_write_text(world / "ImageSets" / "Segmentation" / f"{split}.txt",
+                          "".join(f"{scene_id('train', i)}\n" for i in range(cfg.irn_images)))
     train_cams = cams_root / "train-for-irn"
-    make_cams(cam_source, f"voc:{world}", train_cams, split="train", scales=cfg.scales, device="cpu", num_workers=0)
-    train = _Subset(open_dataset(f"voc:{world}", split="train"), cfg.threshold_images)
+    make_cams(cam_source, f"voc:{world}", train_cams, split=split, scales=cfg.scales, device="cpu", num_workers=0)
+    train = _Subset(open_dataset(f"voc:{world}", split=split), cfg.threshold_images)
     r = cam_metrics(train_cams, train, _bg_of_val(cfg, train.ids, "train"), fa_threshold=cfg.fa_threshold,
                     fa_margin=cfg.fa_margin)
     t = r["threshold"]
     chosen = {"train_cam_threshold": t, "train_cam_miou": r["cam_miou"],
               "fg_threshold": round(min(0.95, t + 0.15), 2), "bg_threshold": round(max(0.05, t - 0.05), 2)}
-    c = from_preset(IrnConfig, "synth", data=f"voc:{world}", split="train", out=str(runs / "irn"), cams=str(train_cams),
+    c = from_preset(IrnConfig, "synth", data=f"voc:{world}", split=split, out=str(runs / "irn"), cams=str(train_cams),
                     **_crops(cfg), max_steps=cfg.irn_steps, seed=cfg.tseed, device="cpu", num_workers=cfg.workers,
                     backbone_from=str(cam_ckpt), seed_workers=1, ckpt_every=max(50, cfg.irn_steps // 3),
                     fg_threshold=chosen["fg_threshold"], bg_threshold=chosen["bg_threshold"])

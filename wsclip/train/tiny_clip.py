@@ -525,7 +525,8 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = SYNTH_SIZ
             for j in range(len(s.object_classes)):
                 ys, xs = torch.nonzero(inst[b] == j + 1, as_tuple=True)
                 pad = 2 * size / 64
-                y0, y1, x0, x1 = ys.min().item() - pad, ys.max().item() + 1 + pad, xs.min().item() - pad, xs.max().item() + 1 + pad
+                y0, y1 = ys.min().item() - pad, ys.max().item() + 1 + pad
+                x0, x1 = xs.min().item() - pad, xs.max().item() + 1 + pad
                 side, cy, cx = max(y1 - y0, x1 - x0), (y0 + y1) / 2, (x0 + x1) / 2
                 box = (cy - side / 2, cx - side / 2, cy + side / 2, cx + side / 2)
                 obj_crops.append(_crop_resize(x[b] * (inst[b] == j + 1).float(), box, res))
