@@ -25,3 +25,25 @@ def _seed():
 
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def bad_image_zoo(tmp_path_factory, voc14) -> Path:
+    """The bad-input zoo (tests/zoo.py): awkward and broken images + labels.csv, as a folder dataset."""
+    from zoo import make_zoo
+
+    return make_zoo(tmp_path_factory.mktemp("zoo") / "photos", voc14)
+
+
+@pytest.fixture(scope="session")
+def voc_camnet(tmp_path_factory) -> Path:
+    """A tiny random CAM network over the 20 VOC classes (safetensors + sidecar)."""
+    import torch
+
+    from wsclip.models.camnet import build_camnet, save_camnet
+    from wsclip.vocab import VOC_CLASSES
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("voc_camnet") / "camnet.safetensors"
+    save_camnet(path, build_camnet("tiny", len(VOC_CLASSES)), VOC_CLASSES)
+    return path

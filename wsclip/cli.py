@@ -299,7 +299,8 @@ def _run_cam(args):
             raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
         res = make_cams(args.checkpoint, args.data, args.out, split=args.split, scales=scales,
                         device=args.device, num_workers=args.workers, amp=args.amp)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     if args.method == "clip-es":
         from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
@@ -311,7 +312,8 @@ def _run_cam(args):
                            box_compat=args.box_compat, backend=args.backend)
         res = make_clip_es_cams(args.clip, args.data, args.out, split=args.split, cfg=cfg, device=args.device,
                                 precision=args.precision, num_workers=args.workers)
-        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {res['total']} images)")
+        print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
+              f"skipped into errors.json, {res['total']} images)")
         return
     raise WsclipError(f"--method {args.method} is not available in this build")
 
@@ -398,10 +400,12 @@ def _run_segment(args):
     res = segment(args.checkpoint, args.images, args.out, split=args.split, scales=parse_scales(args.scales),
                   flip=not args.no_flip, crf=args.crf, crf_workers=args.crf_workers, device=args.device,
                   num_workers=args.workers, amp=args.amp)
-    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {res['total']} images)")
+    print(f"wrote {res['written']} masks to {args.out} ({res['skipped']} already done, {len(res['failed'])} skipped "
+          f"into errors.json, {res['total']} images)")
 
 # ============================================================================ export onnx / check / trt
-_EXPORT_HELP = "export models for deployment: ONNX, TensorRT engines, parity checks (see `wsclip export <what> --help`)"
+_EXPORT_HELP = ("export models for deployment (ONNX, TensorRT engines, parity checks) and labelled masks (COCO, "
+                "Label Studio, CVAT, FiftyOne); see `wsclip export <what> --help`")
 
 
 def _add_export_onnx(sub):
@@ -510,12 +514,26 @@ def _add_export_trt(sub):
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (read if present, then updated)")
     p.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT builder workspace in GiB (default 4)")
     p.add_argument("--device", type=int, default=0, help="CUDA device index")
+    p.add_argument("--check-only", action="store_true",
+                   help="no TensorRT or GPU needed: check the graph TensorRT 10 would parse (opset, operators, "
+                        "types, profile against the dynamic axes) and print the equivalent trtexec command")
     p.set_defaults(func=_run_export_trt, precision=None)
 
 
 def _run_export_trt(args):
-    from wsclip.export.tensorrt import build_engine
+    from wsclip.export.tensorrt import build_engine, check_build
 
+    if args.check_only:
+        report = check_build(args.onnx, args.out, precision=args.precision or "fp16", calib_images=args.calib_images,
+                             min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                             min_hw=args.min_hw, opt_hw=args.opt_hw, max_hw=args.max_hw,
+                             timing_cache=args.timing_cache, workspace_gib=args.workspace_gib)
+        for problem in report["problems"]:
+            print(f"problem: {problem}")
+        print(" ".join(report["trtexec"]))
+        print(f"{report['graph']}: {'ready for TensorRT 10' if not report['problems'] else 'NOT ready'} "
+              f"(opset {report['opset']}, {len(report['ops'])} operator types; not built: no TensorRT run here)")
+        return 0 if not report["problems"] else 1
     meta = build_engine(args.onnx, args.out, precision=args.precision or "fp16", calib_images=args.calib_images,
                         calib_cache=args.calib_cache, calib_count=args.calib_count, calib_method=args.calib_method,
                         min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
@@ -575,6 +593,9 @@ def _add_label(sub):
     p.add_argument("--cams", action="store_true", help="also write cams/<id>.npz (the `wsclip cam` format)")
     p.add_argument("--overlays", action="store_true", help="also write overlays/<id>.png")
     p.add_argument("--rle", action="store_true", help="also write annotations.json (COCO-style RLE)")
+    p.add_argument("--gt", type=Path, help="folder of ground-truth <id>.png masks: per-image IoU in the manifest")
+    p.add_argument("--review-first", type=int, metavar="N",
+                   help="after the run, list the N masks with the worst quality score (`wsclip review` shows them)")
     p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
     p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
@@ -598,7 +619,7 @@ def _run_label(args):
     cfg = _labeler_config(args)
     run = LabelRunConfig(out=args.out, window=args.window, workers=args.workers, post_workers=args.post_workers,
                          on_error=args.on_error, cams=args.cams, overlays=args.overlays, rle=args.rle,
-                         decode=args.decode, restart=args.restart)
+                         decode=args.decode, restart=args.restart, gt=args.gt)
     if args.ray:
         from wsclip.serve.ray_job import label_images_ray
 
@@ -610,6 +631,10 @@ def _run_label(args):
 
         summary = label_images(cfg, args.images, run, split=args.split, labels=args.labels, limit=args.limit)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    if args.review_first:
+        from wsclip.serve.folder import LabeledFolder
+
+        print(LabeledFolder(args.out).worst_table(args.review_first))
     return 1 if summary["errors"] and args.on_error == "fail" else 0
 
 
@@ -625,16 +650,18 @@ def _add_serve(sub):
     p.add_argument("--max-pixels", type=int, default=36_000_000, help="largest image (width x height)")
     p.add_argument("--max-batch-items", type=int, default=32, help="images per /v1/label/batch request")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may wait for its result")
+    p.add_argument("--read-timeout", type=float, default=30.0, help="seconds to receive a request body (then 408)")
     p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
+    p.add_argument("--review", type=Path, metavar="OUT_DIR",
+                   help="also serve the review page of this labelled folder under /review (see `wsclip review`)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                    help="server log level (default info)")
     p.set_defaults(func=_run_serve)
 
 
-def _run_serve(args):
+def _token(args) -> str | None:
+    """The bearer token of a server: --token-file, else env WSCLIP_SERVE_TOKEN, else none."""
     import os
-
-    from wsclip.serve.server import ServeConfig, serve
 
     token = os.environ.get("WSCLIP_SERVE_TOKEN") or None
     if args.token_file is not None:
@@ -643,12 +670,86 @@ def _run_serve(args):
         token = args.token_file.read_text().strip() or None
         if token is None:
             raise WsclipError(f"token file {args.token_file} is empty")
+    return token
+
+
+def _run_serve(args):
+    from wsclip.serve.server import ServeConfig, serve
+
+    token = _token(args)
     cfg = ServeConfig(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                       max_queue_delay_ms=args.max_queue_delay_ms, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_pixels=args.max_pixels,
-                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout, token=token)
+                      max_batch_items=args.max_batch_items, request_timeout_s=args.timeout,
+                      read_timeout_s=args.read_timeout, token=token, review=args.review)
     lab = _labeler_config(args)
     return serve(lab.replace(batch_size=max(lab.batch_size, args.max_batch_size)), cfg, log_level=args.log_level)
+
+
+# ============================================================================ review and mask exports
+def _folder_args(p):
+    p.add_argument("folder", type=Path, help="a `wsclip label` (or `wsclip pseudo`) output folder")
+    p.add_argument("--images", help="the images it was labelled from, as given to `wsclip label --images` "
+                                    "(default: the paths its manifest records)")
+    p.add_argument("--split", help="split of --images when it is a dataset")
+    p.add_argument("--classes", help="class names: voc, coco or a file, one a line (default: the folder's classes.json)")
+
+
+def _open_folder(args, gt=None):
+    from wsclip.serve.folder import LabeledFolder
+
+    return LabeledFolder(args.folder, images=args.images, split=args.split, classes=args.classes, gt=gt)
+
+
+def _add_review(sub):
+    p = sub.add_parser("review", help="a local web page to check a labelled folder, worst quality score first; "
+                                      "accept / reject marks go to <folder>/review.json (the exports honour them)")
+    _folder_args(p)
+    p.add_argument("--gt", type=Path, help="folder of ground-truth <id>.png masks: per-class IoU on the page")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one, printed at start)")
+    p.add_argument("--token-file", type=Path, help="file holding a bearer token to require (or env WSCLIP_SERVE_TOKEN)")
+    p.add_argument("--list", type=int, metavar="N", help="print the N worst masks and exit (no server)")
+    p.set_defaults(func=_run_review)
+
+
+def _run_review(args):
+    folder = _open_folder(args, gt=args.gt)
+    if args.list is not None:
+        print(folder.worst_table(args.list))
+        return 0
+    from wsclip.serve.review import serve_review
+
+    return serve_review(folder, args.host, args.port, _token(args))
+
+
+def _add_export_masks(sub):
+    from wsclip.export.masks import FORMATS
+
+    g = _group(sub, "export", _EXPORT_HELP)
+    p = g.add_parser("masks", help="a labelled folder as COCO RLE JSON, Label Studio tasks, a CVAT mask zip or a "
+                                   "FiftyOne COCO dataset; images rejected in `wsclip review` are left out")
+    _folder_args(p)
+    p.add_argument("--format", required=True, choices=FORMATS, help="coco (.json), labelstudio (.json + "
+                   ".labeling_config.xml), cvat (.zip, Segmentation mask 1.1), fiftyone (a folder)")
+    p.add_argument("--out", required=True, type=Path, help="output file (folder for fiftyone)")
+    p.add_argument("--instances", action="store_true", help="coco: one annotation per connected region "
+                                                            "(default: one per class mask)")
+    p.add_argument("--only-accepted", action="store_true", help="only images accepted in `wsclip review`")
+    p.add_argument("--url-prefix", default="", help="labelstudio: prefix of each task's image URL "
+                                                    "(e.g. /data/local-files/?d=photos/)")
+    p.add_argument("--ignore", choices=("label", "background"), default="label",
+                   help="cvat: ignore (255) pixels as a declared 'ignore' label (default) or as background")
+    p.set_defaults(func=_run_export_masks)
+
+
+def _run_export_masks(args):
+    from wsclip.export.masks import export_masks
+
+    info = export_masks(_open_folder(args), args.out, args.format, instances=args.instances,
+                        only_accepted=args.only_accepted, url_prefix=args.url_prefix, ignore=args.ignore)
+    print(f"wrote {info['images']} images to {info['out']} ({args.format}); "
+          f"{info['left_out']} left out by the review marks")
 
 
 # ============================================================================ pseudo / refine / prompts (CLIP-ES, IRN, CRF)
@@ -815,16 +916,18 @@ def _add_bench(sub):
     p.add_argument("--quick", action="store_true", help="fewer cases and repetitions (under two minutes on a CPU)")
     p.add_argument("--tiny", action="store_true", help="toy sizes (overrides --quick): checks that the harness "
                                                        "runs; tests use it")
-    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default benchmarks/results)")
+    p.add_argument("--out", type=Path, help="folder for the run's JSON file (default ./benchmarks/results)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--label", help="the machine in words for the report (default '<N>-core CPU' or the GPU's name)")
+    p.add_argument("--budget", type=float, help="seconds one measurement may spend repeating (default: 60 full, "
+                                                "4 quick, 2 tiny)")
     p.add_argument("--list", action="store_true", help="list the suites and exit")
     p.set_defaults(func=_run_bench)
     bsub = p.add_subparsers(dest="bench_command", metavar="[report]")
     r = bsub.add_parser("report", help="render BENCHMARKS.md tables and PNG plots from the run files")
-    r.add_argument("--results", type=Path, help="folder of run files (default benchmarks/results)")
-    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default BENCHMARKS.md)")
+    r.add_argument("--results", type=Path, help="folder of run files (default ./benchmarks/results)")
+    r.add_argument("--markdown", type=Path, help="file whose bench section is rewritten (default ./BENCHMARKS.md)")
     r.add_argument("--no-plots", action="store_true", help="tables only")
     r.add_argument("--include-tiny", action="store_true", help="also show --tiny runs (their figures mean nothing)")
     r.set_defaults(func=_run_bench_report)
@@ -841,11 +944,11 @@ def _run_bench(args):
     suites = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else None
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
     command = ["wsclip", "bench"] + [f"--{mode}"] * (mode != "full")  # what ran, rebuilt from the parsed flags
-    for flag in ("suites", "device", "threads", "out", "label"):
+    for flag in ("suites", "device", "threads", "out", "label", "budget"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     path, run = run_benchmarks(suites, mode=mode, device=args.device, out_dir=args.out, threads=args.threads,
-                               label=args.label, argv=command)
+                               label=args.label, argv=command, budget_s=args.budget)
     print(format_run(run))
     print(f"wrote {path}")
     return 1 if any(s["status"] == "error" for s in run["suites"].values()) else 0
@@ -853,18 +956,15 @@ def _run_bench(args):
 
 def _run_bench_report(args):
     from wsclip.bench.report import write_report
-    from wsclip.bench.runner import repo_root
+    from wsclip.bench.runner import DEFAULT_MARKDOWN, DEFAULT_RESULTS
 
-    results = args.results
-    markdown = args.markdown
-    if results is None or markdown is None:
-        root = repo_root()
-        results = results or root / "benchmarks" / "results"
-        markdown = markdown or root / "BENCHMARKS.md"
+    results = args.results or DEFAULT_RESULTS  # the current folder's, never the installed package's
+    markdown = args.markdown or DEFAULT_MARKDOWN
     done = write_report(results, markdown, plots=not args.no_plots, include_tiny=args.include_tiny)
     for bad in done["invalid"]:
         print(f"ignored (does not follow the schema): {bad}", file=sys.stderr)
-    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) into {done['markdown']}; "
+    print(f"rendered {done['runs']} runs ({', '.join(done['machines']) or 'none'}) from {Path(results).resolve()} "
+          f"into {Path(done['markdown']).resolve()}; "
           f"{len(done['plots'])} plots")
 
 
@@ -942,8 +1042,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_export_onnx,
         _add_export_check,
         _add_export_trt,
+        _add_export_masks,
         _add_label,
         _add_serve,
+        _add_review,
         _add_pseudo,
         _add_refine_crf,
         _add_refine_rw,

@@ -77,6 +77,15 @@ class CamConfig(TrainConfig):
 
     out: str = _f("runs/cam", "output folder; the final network is <out>/camnet.safetensors")
     freeze_bn: bool = _f(True, "keep BatchNorm statistics fixed (IRN/CLIMS baseline)")
+    from_scratch: str = _f(
+        "auto", "without --pretrained (resnet backbones): auto = trainable BatchNorm and lr at most 0.01, said in "
+        "the log (frozen BN and lr 0.1 diverge from random weights); as-given = the settings exactly as given")
+
+    def validate(self) -> "CamConfig":
+        super().validate()
+        if self.from_scratch not in ("auto", "as-given"):
+            raise WsclipError(f"from_scratch must be auto or as-given, got '{self.from_scratch}'")
+        return self
 
 
 @dataclass

@@ -15,6 +15,10 @@ class BadFileError(WsclipError, ValueError):
     """A file exists but is corrupt, truncated or of the wrong kind."""
 
 
+class ImageTooLargeError(BadFileError):
+    """An image whose header declares more pixels than the limit (a decompression bomb or a huge scan)."""
+
+
 class DatasetLayoutError(WsclipError, ValueError):
     """A dataset folder does not have the expected layout."""
 

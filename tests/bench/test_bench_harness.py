@@ -155,3 +155,20 @@ def test_report_without_runs_says_so(tmp_path):
     write_report(tmp_path, md, plots=False)
     text = md.read_text()
     assert START in text and "No benchmark runs yet" in text
+
+
+def test_report_defaults_to_the_current_folder_and_shows_no_cpu_mfu(fake_run, tmp_path, monkeypatch, capsys):
+    _, _, run = fake_run
+    quick = copy.deepcopy(dict(run, mode="quick", run_id=run["run_id"] + "-cwd"))
+    for r in quick["suites"]["sweep"]["results"]:
+        if r.get("mfu") is not None:
+            r["mfu"] = 1.63  # what a wrong CPU ceiling gave: never printed
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "bench_cpu_quick_y.json").write_text(json.dumps(quick))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "report", "--no-plots"]) == 0
+    text = (tmp_path / "BENCHMARKS.md").read_text()  # written here, not into the package's tree
+    assert "fake box" in text and "MFU" not in text and "163" not in text
+    out = capsys.readouterr().out
+    assert str(results.resolve()) in out and str((tmp_path / "BENCHMARKS.md").resolve()) in out

@@ -132,3 +132,59 @@ def test_parity_cases_stay_inside_an_engine_profile(voc14):
         check_in_profile(meta["profile"], {"images": x.shape})
     assert all(x.shape[0] != opt[0] for _, x, _, _ in cases[:3])  # random batches differ from the optimal one
     assert {x.shape[2:] for _, x, _, _ in cases[3:]} == {(512, 512)}  # 513 px VOC images scaled into the profile
+
+
+# ---------------------------------------------------------------------------- what TensorRT 10 would parse
+def test_exported_graphs_are_ready_for_tensorrt(cam_onnx, clip_image_onnx, tmp_path):
+    """The camnet (dynamic batch and size) and CLIP image (dynamic batch) exports, fp32 and fp16
+    rewrites: opset, operators, types and profile all acceptable to TensorRT 10's parser."""
+    from wsclip.export.tensorrt import TRT10_OPSETS, check_build
+
+    for onnx_path, prec in ((cam_onnx, "fp16"), (cam_onnx, "fp32"), (clip_image_onnx, "fp16")):
+        rep = check_build(onnx_path, tmp_path / f"{onnx_path.stem}.{prec}.engine", precision=prec)
+        assert rep["problems"] == [], rep["problems"]
+        assert TRT10_OPSETS[0] <= rep["opset"] <= TRT10_OPSETS[1] and "Conv" in rep["ops"] or "MatMul" in rep["ops"]
+        cmd = rep["trtexec"]
+        assert cmd[0] == "trtexec" and "--stronglyTyped" in cmd and f"--onnx={rep['graph']}" in cmd
+        assert ("--noTF32" in cmd) == (prec == "fp32")
+        assert (prec == "fp16") == rep["graph"].endswith(".fp16.onnx")
+    rep = check_build(cam_onnx, tmp_path / "c.engine", min_batch=2, opt_batch=4, max_batch=8, opt_hw="320x256")
+    assert rep["profile"]["images"] == [[2, 3, 256, 256], [4, 3, 320, 256], [8, 3, 320, 256]]
+    assert "--minShapes=images:2x3x256x256,labels:2x20" in rep["trtexec"]
+    assert "--maxShapes=images:8x3x320x256,labels:8x20" in rep["trtexec"]
+
+
+def test_readiness_finds_what_tensorrt_would_refuse(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from wsclip.export.tensorrt import trt_readiness
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])
+    d = helper.make_tensor_value_info("d", TensorProto.DOUBLE, ["batch", 4])
+    nodes = [helper.make_node("Unique", ["x"], ["y"], name="uniq"),
+             helper.make_node("Cast", ["x"], ["d"], to=TensorProto.DOUBLE, name="cast"),
+             helper.make_node("Resize", ["x", "", "s"], ["r"], mode="cubic", name="rs"),
+             helper.make_node("Custom", ["x"], ["z"], domain="my.ops", name="cu")]
+    s = helper.make_tensor("s", TensorProto.FLOAT, [2], [1.0, 1.0])
+    graph = helper.make_graph(nodes, "g", [x], [y, d], initializer=[s])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("my.ops", 1)]),
+              path)
+    problems = trt_readiness(path, {"x": [[1, 4], [8, 5], [4, 4]], "ghost": [[1], [1], [1]]})
+    text = "\n".join(problems)
+    assert "opset 21 is outside" in text and "Unique is not supported" in text and "custom-domain op my.ops::Custom" in text
+    assert "Resize mode=cubic" in text and "d: DOUBLE network inputs / outputs" in text
+    assert "axis 0 (batch): profile (1, 8, 4)" in text and "axis 1 is fixed at 4 but the profile gives (4, 5, 4)" in text
+    assert "profile names ghost" in text
+    assert any("dynamic axes" in p for p in trt_readiness(path, {}))
+
+
+def test_export_trt_check_only_cli(cam_onnx, tmp_path, capsys):
+    from wsclip.cli import main
+
+    rc = main(["export", "trt", "--onnx", str(cam_onnx), "--out", str(tmp_path / "cam.engine"), "--check-only",
+               "--opt-batch", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ready for TensorRT 10" in out and "trtexec --onnx=" in out and "--optShapes=images:4x3x512x512" in out

@@ -70,23 +70,32 @@ def _case(B, C, H, W, radius, dtype=torch.float32):
     ],
 )
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_stencil_matches_dense(B, C, H, W, radius, beta, exp_times, backend):
+def test_stencil_matches_dense(B, C, H, W, radius, beta, exp_times, backend, request):
     x, aff = _case(B, C, H, W, radius)
     ref = dense_random_walk(x, aff, radius, beta=beta, exp_times=exp_times)
-    out = random_walk(x, aff, radius, beta=beta, exp_times=exp_times, backend=backend)
+    dev = request.getfixturevalue("kdev") if backend == "triton" else "cpu"
+    out = random_walk(x.to(dev), aff.to(dev), radius, beta=beta, exp_times=exp_times, backend=backend).cpu()
     assert out.shape == x.shape and out.dtype == x.dtype
     assert _rel(out, ref) < 1e-5
 
 
-def test_triton_fp16_inputs():
+def test_triton_fp16_inputs(kdev):
     x, aff = _case(2, 3, 7, 9, 3, dtype=torch.float16)
     ref = dense_random_walk(x, aff, 3, beta=10.0, exp_times=2)
-    out = random_walk(x, aff, 3, beta=10.0, exp_times=2, backend="triton")
+    out = random_walk(x.to(kdev), aff.to(kdev), 3, beta=10.0, exp_times=2, backend="triton").cpu()
     assert out.dtype == torch.float16
     assert _rel(out, ref) < 2e-3
 
 
-def test_entries_pointing_outside_are_ignored():
+def test_many_classes_use_several_class_blocks(kdev):
+    """C = 19 > 16 classes per program: the second class block must be written too (outputs start as NaN)."""
+    x, aff = _case(1, 19, 5, 6, 3)
+    ref = dense_random_walk(x, aff, 3, beta=4.0, exp_times=2)
+    out = random_walk(x.to(kdev), aff.to(kdev), 3, beta=4.0, exp_times=2, backend="triton").cpu()
+    assert _rel(out, ref) < 1e-5 and torch.isfinite(out).all()
+
+
+def test_entries_pointing_outside_are_ignored(kdev):
     radius, H, W = 3, 6, 7
     x, aff = _case(1, 2, H, W, radius)
     poisoned = aff.clone()
@@ -97,8 +106,8 @@ def test_entries_pointing_outside_are_ignored():
         if dx < 0:
             poisoned[0, k, :, : -dx] = float("nan")
     ref = random_walk(x, aff, radius, exp_times=2, backend="torch")
-    for backend in ("torch", "triton"):
-        out = random_walk(x, poisoned, radius, exp_times=2, backend=backend)
+    for backend, dev in (("torch", "cpu"), ("triton", kdev)):
+        out = random_walk(x.to(dev), poisoned.to(dev), radius, exp_times=2, backend=backend).cpu()
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
 

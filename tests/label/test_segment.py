@@ -70,7 +70,7 @@ def test_segment_matches_reference_and_resumes(model, images, tmp_path):
     root, sizes = images
     out = tmp_path / "out"
     res = segment(path, root, out, scales=(0.5, 1.0, 1.5), flip=True, num_workers=0, device="cpu")
-    assert res == {"written": 3, "skipped": 0, "total": 3}
+    assert res == {"written": 3, "skipped": 0, "failed": [], "total": 3}
     labels = set()
     for name, hw in sizes.items():
         with Image.open(out / f"{name}.png") as im:
@@ -88,7 +88,7 @@ def test_segment_matches_reference_and_resumes(model, images, tmp_path):
     before = (out / "sub" / "c.png").read_bytes()
     (out / "sub" / "c.png").unlink()
     res = segment(path, root, out, scales=(0.5, 1.0, 1.5), flip=True, num_workers=1, device="cpu")
-    assert res == {"written": 1, "skipped": 2, "total": 3}
+    assert res == {"written": 1, "skipped": 2, "failed": [], "total": 3}
     assert (out / "sub" / "c.png").read_bytes() == before
 
 

@@ -114,7 +114,7 @@ def test_wrong_checkpoints_are_clear_errors(tmp_path):
     net = build_camnet("tiny", num_classes=3)
     other = tmp_path / "clip.safetensors"
     save_checkpoint(other, {"w": torch.zeros(2)}, {"kind": "clip", "name": "x"})
-    with pytest.raises(CheckpointError, match="'clip' checkpoint, not a CAM network"):
+    with pytest.raises(CheckpointError, match="is a CLIP checkpoint, not a CAM network"):
         load_camnet(other)
     # sidecar claims another architecture than the weights
     path = tmp_path / "cam.safetensors"
@@ -122,7 +122,7 @@ def test_wrong_checkpoints_are_clear_errors(tmp_path):
     side = path.with_suffix(".json")
     meta = json.loads(side.read_text())
     side.write_text(json.dumps({**meta, "num_classes": 5}))
-    with pytest.raises(CheckpointError, match="does not match a tiny CAM network with 5 classes"):
+    with pytest.raises(CheckpointError, match="does not hold the weights of a tiny CAM network with 5 classes"):
         load_camnet(path)
     with pytest.raises(WsclipError):
         save_camnet(path, net, ["a"])

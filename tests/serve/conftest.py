@@ -44,3 +44,23 @@ def read_rgb(path) -> np.ndarray:
     from wsclip.io import read_image
 
     return read_image(path)
+
+
+@pytest.fixture(scope="session")
+def labelled_synth(tmp_path_factory) -> dict:
+    """A real `wsclip label` folder: 8 synthetic-world val scenes, a tiny random CAM net, CRF, --cams, --gt."""
+    import torch
+    from review_helpers import label_args
+
+    from wsclip.cli import main
+    from wsclip.data.synth import SYNTH_CLASSES, write_voc_layout
+    from wsclip.models.camnet import build_camnet, save_camnet
+
+    root = tmp_path_factory.mktemp("review")
+    world = write_voc_layout(root / "world", n_train=1, n_val=8, seed=3)
+    torch.manual_seed(0)
+    ckpt = root / "camnet.safetensors"
+    save_camnet(ckpt, build_camnet("tiny", len(SYNTH_CLASSES)), SYNTH_CLASSES)
+    out = root / "labelled"
+    assert main(label_args(world, ckpt, out)) == 0
+    return {"world": world, "ckpt": ckpt, "out": out}

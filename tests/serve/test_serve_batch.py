@@ -16,6 +16,7 @@ from wsclip.cli import main
 from wsclip.io import read_image, read_mask
 from wsclip.serve.batch import Manifest, open_source, windows
 from wsclip.serve.labelers import LabelerConfig, load_labeler, rle_decode
+from wsclip.vocab import VOC_CLASSES
 
 VOC_ARGS = ["--split", "val", "--batch-size", "2", "--window", "4", "--device", "cpu", "--rle"]
 
@@ -47,6 +48,12 @@ def test_voc14_outputs_are_the_labelers_masks(voc_reference, voc14, cam_ckpt):
     src = open_source(f"voc:{voc14}", "val", classes=lab.classes)
     ann = json.loads((out / "annotations.json").read_text())
     by_name = {im["file_name"]: im["id"] for im in ann["images"]}
+    assert all(name.endswith(".jpg") for name in by_name)  # the image's file name, extension included
+    by_name = {name[:-4]: n for name, n in by_name.items()}
+    by_quality = {im["file_name"][:-4]: im["wsclip_quality"] for im in ann["images"]}
+    records = {r["id"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    from wsclip.label.quality import assess
+
     wins = windows(len(src), 4)
     for w in (wins[0], wins[-1]):
         images = [src.load(i) for i in w]
@@ -65,6 +72,13 @@ def test_voc14_outputs_are_the_labelers_masks(voc_reference, voc14, cam_ckpt):
                 if a["image_id"] == by_name[image_id]:
                     decoded[rle_decode(a["segmentation"])] = a["category_id"]
             assert np.array_equal(decoded, np.where(mask == 255, 0, mask))
+            # the record's quality score is the one the labeler's own maps give (wsclip.label.quality)
+            rec = records[image_id]
+            q = assess(mask, r.keys, r.cams)
+            assert rec["quality"]["score"] == pytest.approx(q["score"], abs=2e-3)
+            assert rec["quality"]["coverage"] == q["coverage"] and rec["quality"]["area"] == q["area"]
+            assert rec["image"] == str((voc14 / "JPEGImages" / f"{image_id}.jpg").resolve())
+            assert by_quality[image_id] == rec["quality"]["score"]
     # a second run has nothing to do and rewrites nothing
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert main(_label_argv(f"voc:{voc14}", cam_ckpt, out, *VOC_ARGS, "--cams", "--overlays", "--workers", "0")) == 0
@@ -154,7 +168,8 @@ def test_inputs_labels_and_errors(small_folder, cam_ckpt, tmp_path):
     recs = Manifest(out / "manifest.jsonl").records
     given = json.loads(labels_file.read_text())
     for i in good:
-        assert recs[i]["labels"] == sorted(v - 1 for v in given[i]) and not recs[i]["predicted"]
+        assert recs[i]["label_ids"] == sorted(given[i]) and not recs[i]["predicted"]
+        assert recs[i]["labels"] == [VOC_CLASSES[v - 1] for v in sorted(given[i])]  # names in user-facing files
     # fail mode stops with exit code 2 and keeps what was finished
     out_fail = tmp_path / "b"
     assert main(_label_argv(folder, cam_ckpt, out_fail, "--workers", "0", "--device", "cpu",

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from wsclip.bench.schema import MODES, SCHEMA_ID, validate_run
+from wsclip.bench.schema import MODES, SCHEMA_ID, shown_mfu, validate_run
 from wsclip.bench.suite import Skip, SuiteContext, SuiteResult
 from wsclip.bench.timing import Meter, measure_ceilings
 from wsclip.errors import MissingFileError, WsclipError
@@ -33,6 +33,11 @@ ORDER = ("clip-encode", "clims-step", "clip-es-label", "label-e2e", "random-walk
 _CEILING_SIZES = {("cuda", "full"): (8192, 1024), ("cuda", "quick"): (8192, 512), ("cuda", "tiny"): (1024, 64),
                   ("cpu", "full"): (1024, 128), ("cpu", "quick"): (768, 64), ("cpu", "tiny"): (256, 8)}
 _BUDGET_S = {"full": 60.0, "quick": 4.0, "tiny": 2.0}
+
+
+#: where runs are written and `bench report` reads them by default: relative to the current folder
+DEFAULT_RESULTS = Path("benchmarks") / "results"
+DEFAULT_MARKDOWN = Path("BENCHMARKS.md")
 
 
 def repo_root() -> Path:
@@ -86,12 +91,14 @@ def default_label(device: torch.device) -> str:
 def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: str | None = None,
                    out_dir: Path | None = None, threads: int | None = None, label: str | None = None,
                    argv: list[str] | None = None, root: Path | None = None, quiet: bool = False,
-                   modules: dict | None = None) -> tuple[Path, dict]:
+                   modules: dict | None = None, budget_s: float | None = None) -> tuple[Path, dict]:
     """Run the named suites (default: all) and write `<out_dir>/bench_<device>_<mode>_<time>.json`.
 
     mode: full | quick (fewer sizes and repetitions) | tiny (toy sizes: checks that everything runs).
     On the CPU every suite runs at reduced sizes, stated in its `setup`. `modules` {name: suite module}
-    replaces the suites found on disk. Returns (path, run record).
+    replaces the suites found on disk. budget_s caps the seconds one measurement may spend repeating
+    (default per mode: 60 full, 4 quick, 2 tiny; benchmarks/gpu_check.sh lowers it to fit its 8 minutes).
+    Returns (path, run record).
     """
     if mode not in MODES:
         raise WsclipError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
@@ -106,13 +113,14 @@ def run_benchmarks(suites: list[str] | None = None, mode: str = "full", device: 
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run(names, available, mode, dev, out_dir, label, argv, root, quiet)
+        budget = float(budget_s) if budget_s is not None else _BUDGET_S[mode]
+        return _run(names, available, mode, dev, out_dir, label, argv, root, quiet, budget)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(names, available, mode, dev, out_dir, label, argv, root, quiet) -> tuple[Path, dict]:
-    out_dir = Path(out_dir) if out_dir is not None else root / "benchmarks" / "results"
+def _run(names, available, mode, dev, out_dir, label, argv, root, quiet, budget) -> tuple[Path, dict]:
+    out_dir = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS  # the current folder, never the package's
     from wsclip.bench.env import capture_environment
 
     t_run = time.perf_counter()
@@ -148,7 +156,7 @@ def _run(names, available, mode, dev, out_dir, label, argv, root, quiet) -> tupl
             say(f"[{name}]")
             res = SuiteResult(name, "" if isinstance(mod, Exception) else getattr(mod, "DESCRIPTION", ""))
             ctx = SuiteContext(device=dev, meter=meter, mode=mode, ceilings=ceilings, tmp=Path(tmp) / name,
-                               root=root, budget_s=_BUDGET_S[mode], quiet=quiet)
+                               root=root, budget_s=budget, quiet=quiet)
             ctx.tmp.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             entry: dict = {"status": "ok"}
@@ -205,7 +213,8 @@ def format_run(run: dict) -> str:
         lines.append(f"  {name}:")
         for r in s["results"]:
             if r["status"] == "ok":
-                mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+                shown = shown_mfu(r, run["environment"]["device"])
+                mfu = f", MFU {100 * shown:.1f}%" if shown is not None else ""
                 lines.append(f"    {r['case']:<28} {r['variant']:<44} {r['throughput']:>10.3g} {r['unit']}"
                              f" ({r['latency_ms']:.1f} ms/call{mfu})")
             else:

@@ -83,3 +83,13 @@ def validate_run(run) -> list[str]:
         for i, chk in enumerate(suite.get("checks") or []):
             _need(chk, _CHECK_KEYS, f"{where} check {i}", errors)
     return errors
+
+
+def shown_mfu(row: dict, device: str) -> float | None:
+    """The MFU of a result row worth printing, else None: only on CUDA, where the ceiling is the GPU's
+    measured matmul rate, and only at most 100% (above it the ceiling it divides by is wrong). On a CPU
+    the ceiling (one short matmul, other processes competing) is no known peak, so no MFU is shown."""
+    mfu = row.get("mfu")
+    if mfu is None or not str(device).startswith("cuda") or not 0 < mfu <= 1.0:
+        return None
+    return float(mfu)

@@ -69,7 +69,8 @@ def open_dataset(spec, split: str | None = None, **kw):
 
     `split` defaults to 'train' (or the only split there is); other keywords go to the
     dataset class (transform, masks, labels, classes, ...). For a folder, `split` is an
-    optional list file of ids.
+    optional list file of ids; a bare name that is no file there ('train', 'train_aug') means
+    every image, and a note says so.
     """
     scheme, rest = _split_spec(spec)
     if scheme == "synth":
@@ -96,21 +97,52 @@ def open_dataset(spec, split: str | None = None, **kw):
         return COCODataset(root, split=split or _default_split("coco", root), **kw)
     from wsclip.data.folder import FolderDataset
 
-    return FolderDataset(root, split=split, **kw)
+    split_file = _folder_split_file(root, split)
+    ds = FolderDataset(root, split=split_file, **kw)
+    if split is not None and split_file is None:
+        import sys
+
+        print(f"note: folder dataset {root} has no split file '{split}': using all its {len(ds)} images "
+              "(pass --split FILE, one image id per line, to use fewer)", file=sys.stderr)
+    return ds
 
 
-def open_images(spec, split: str | None = None, masks: bool = False):
+def _folder_split_file(root: Path, split) -> Path | None:
+    """The list file a folder dataset's `split` names, or None (every image) for a bare split name such
+    as the training default 'train_aug' that is not a file; a path that does not exist is an error."""
+    if split is None:
+        return None
+    split = Path(split).expanduser()
+    for cand in (split, root / split, root / f"{split}.txt"):
+        if cand.is_file():
+            return cand
+    if len(split.parts) == 1 and not split.suffix:
+        return None
+    raise MissingFileError(f"split file not found: {split} (a folder dataset's split is a file of image ids, "
+                           "one per line; leave it out to use every image)")
+
+
+def open_images(spec, split: str | None = None, masks: bool = False, classes=None):
     """`open_dataset` for its images (and, with masks=True, the dataset's own masks) whatever its layout.
 
     VOC and COCO skip their masks unless asked; a folder dataset has masks only when given a
-    mask folder, so `masks=True` there is a clear error.
+    mask folder, so `masks=True` there is a clear error. `classes` (a model's class names): a
+    folder dataset's labels are read by name onto these classes (only names outside them are an
+    error); other layouts keep their own classes.
     """
     spec = str(spec)
-    scheme = spec.partition(":")[0].lower() if ":" in spec else None
-    layout = scheme if scheme in ("voc", "coco", "folder", "synth") else detect_layout(Path(spec).expanduser())
+    layout = layout_of(spec)
     if layout in ("voc", "coco"):
         return open_dataset(spec, split=split, masks=bool(masks))
-    ds = open_dataset(spec, split=split)
+    kw = {"classes": tuple(classes)} if layout == "folder" and classes is not None else {}
+    ds = open_dataset(spec, split=split, **kw)
     if masks and not getattr(ds, "with_masks", False):
         raise DatasetLayoutError(f"{spec} has no ground-truth masks (a folder dataset needs masks=<mask folder>)")
     return ds
+
+
+def layout_of(spec) -> str:
+    """'voc', 'coco', 'folder' or 'synth' of a dataset spec (its scheme, else detected from the folder)."""
+    spec = str(spec)
+    scheme = spec.partition(":")[0].lower() if ":" in spec else None
+    return scheme if scheme in SCHEMES else detect_layout(Path(spec).expanduser())

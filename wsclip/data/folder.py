@@ -1,7 +1,7 @@
 """Any folder of images plus a labels file (JSON or CSV: image -> class names).
 
     photos/a.jpg, photos/sub/b.png, ...
-    photos/labels.json   {"a.jpg": ["cat", "dog"], "sub/b.png": ["dog"]}
+    photos/labels.json   {"a.jpg": ["cat", "dog"], "sub/b.png": ["dog"]}  (or class numbers 1..K with classes.txt)
     photos/labels.csv    image,labels / a.jpg,cat;dog / sub/b.png,dog
     photos/classes.txt   optional class list (else the names in the labels file, sorted)
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from wsclip.data.base import LabeledImageDataset, multi_hot, read_class_list, resolve_classes
-from wsclip.data.labelfiles import read_name_labels
+from wsclip.data.labelfiles import parse_label_value, read_name_labels
 from wsclip.data.splits import IMAGE_EXTS, read_split
 from wsclip.errors import DatasetLayoutError, MissingFileError, UnknownClassError
 from wsclip.io import read_image, read_mask
@@ -41,8 +41,8 @@ class FolderDataset(LabeledImageDataset):
     """Images of a folder with labels from `labels` (default: labels.json / labels.csv in it).
 
     `classes`: names, 'voc'/'coco', or a text file (default: classes.txt, else the names used
-    in the labels file, sorted). `masks`: an optional folder of <id>.png masks. `split`: an
-    optional list file restricting the ids.
+    in the labels file, sorted). `masks`: an optional folder of <id>.png masks (False or None:
+    none). `split`: an optional list file restricting the ids (None: every image).
     """
 
     def __init__(
@@ -82,6 +82,8 @@ class FolderDataset(LabeledImageDataset):
                     f"({' or '.join(LABEL_FILES)})"
                 )
             names = [[] for _ in files]
+        if any(not isinstance(n, str) for ns in names for n in ns):
+            names = self._numbers_to_names(files, names, classes)
         if classes is None:
             classes = tuple(sorted({n for ns in names for n in ns}))
         self.classes = tuple(classes)
@@ -116,7 +118,9 @@ class FolderDataset(LabeledImageDataset):
         self._files = [files[n] for n in order]
         self._labels = [vectors[n] for n in order]
 
-        self.mask_dir = Path(masks) if masks is not None else None
+        if masks is True:
+            raise DatasetLayoutError(f"{self.root} is a folder dataset: it has masks only when given a mask folder")
+        self.mask_dir = Path(masks) if masks not in (None, False) else None
         if self.mask_dir is not None:
             if not self.mask_dir.is_dir():
                 raise MissingFileError(f"mask folder not found: {self.mask_dir}")
@@ -127,9 +131,22 @@ class FolderDataset(LabeledImageDataset):
                 )
         self.with_masks = self.mask_dir is not None
 
+    def _numbers_to_names(self, files, names, classes) -> list[list[str]]:
+        """Class numbers (1..K, or a K-long 0/1 vector) in the labels file as names of `classes`."""
+        if classes is None:
+            raise DatasetLayoutError(
+                f"{self.labels_file} gives class numbers: put a classes.txt (one name per line; number 1 is the "
+                f"first line) in {self.root}, pass the class list, or write class names instead")
+        out = []
+        for p, ns in zip(files, names):
+            where = f"{self.labels_file}: image '{p.relative_to(self.root).as_posix()}'"
+            y = parse_label_value(list(ns), classes, where)
+            out.append([classes[int(k)] for k in torch.nonzero(y > 0.5).flatten()])
+        return out
+
     def _resolve_image(self, name: str) -> Path:
         p = self.root / name
-        if p.is_file():
+        if p.exists():  # a folder named like an image is reported when read, per image, not here
             return p
         for ext in IMAGE_EXTS:
             q = self.root / f"{name}{ext}"

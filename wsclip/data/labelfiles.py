@@ -167,9 +167,15 @@ def _split_names(field: str, known: set[str] | None) -> list[str]:
     return field.split()
 
 
-def read_name_labels(path: Path, classes: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """{image path: [class names]} from JSON ({"a.jpg": ["cat", "dog"]}, or a list of
-    {"image": ..., "labels": [...]}) or CSV (image, labels separated by ';' or spaces)."""
+def _numbers(names: list[str], known: set[str] | None) -> list:
+    """Tokens that are digits (and not a class name) become class numbers (1-based ints)."""
+    return [int(n) if n.isdigit() and (known is None or n not in known) else n for n in names]
+
+
+def read_name_labels(path: Path, classes: Sequence[str] | None = None) -> dict[str, list]:
+    """{image path: [class names or 1-based class numbers]} from JSON ({"a.jpg": ["cat", "dog"]} or
+    {"a.jpg": [8, 12]}, or a list of {"image": ..., "labels": [...]}) or CSV (image, labels separated
+    by ';' or spaces). Numbers are resolved against a class list by the caller."""
     path = Path(path)
     known = set(classes) if classes is not None else None
     out: dict[str, list[str]] = {}
@@ -189,10 +195,12 @@ def read_name_labels(path: Path, classes: Sequence[str] | None = None) -> dict[s
             raise BadFileError(f"{path} must map image files to lists of class names")
         for img, names in obj.items():
             if isinstance(names, str):
-                names = _split_names(names, known)
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise BadFileError(f"{path}: image '{img}' must have a list of class names, got {names!r}")
-            out[str(img)] = [n.strip() for n in names if n.strip()]
+                names = _numbers(_split_names(names, known), known)
+            if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool)
+                                                      for n in names):
+                raise BadFileError(f"{path}: image '{img}' must have a list of class names or class numbers 1..K, "
+                                   f"got {names!r}")
+            out[str(img)] = [n.strip() if isinstance(n, str) else n for n in names if not isinstance(n, str) or n.strip()]
         return out
     if path.suffix.lower() in (".csv", ".tsv", ".txt"):
         try:
@@ -205,7 +213,7 @@ def read_name_labels(path: Path, classes: Sequence[str] | None = None) -> dict[s
             rows = rows[1:]
         for n, row in enumerate(rows, 1):
             img = row[0].strip()
-            names = [name for field in row[1:] for name in _split_names(field, known)]
+            names = _numbers([name for field in row[1:] for name in _split_names(field, known)], known)
             if img in out:
                 raise BadFileError(f"{path}: image '{img}' is listed twice (row {n})")
             out[img] = names

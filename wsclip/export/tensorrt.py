@@ -107,6 +107,163 @@ def check_engine_metadata(meta: dict, env: dict, strict_gpu: bool = True, path="
                            f". Rebuild it on this machine: wsclip export trt --onnx {src} --out {path}")
 
 
+# ---------------------------------------------------------------------------- what TensorRT would parse
+#: ONNX opsets the parser of TensorRT 10.0 accepts (onnx-tensorrt docs/operators.md: "opset 9 to opset
+#: 20"; later 10.x releases accept more, so a graph inside this range parses on every TensorRT 10)
+TRT10_OPSETS = (9, 20)
+#: ONNX operators TensorRT 10's parser does not support (onnx-tensorrt docs/operators.md, the "N" rows)
+TRT10_UNSUPPORTED_OPS = frozenset("""
+    AffineGrid Bernoulli BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor CenterCropPad Col2Im Compress
+    ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear ImageDecoder MatMulInteger MaxRoiPool MaxUnpool
+    MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement OptionalHasElement
+    QLinearConv QLinearMatMul RegexFullMatch SequenceAt SequenceConstruct SequenceEmpty SequenceErase
+    SequenceInsert SequenceLength SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringConcat
+    StringNormalizer StringSplit TfIdfVectorizer Unique""".split())
+#: tensor types TensorRT 10 takes as network inputs and outputs (ONNX TensorProto names)
+TRT10_IO_TYPES = frozenset({"FLOAT", "FLOAT16", "BFLOAT16", "INT32", "INT64", "UINT8", "BOOL", "INT8"})
+_RESIZE_OK = {"mode": {"nearest", "linear"},
+              "coordinate_transformation_mode": {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn",
+                                                 "asymmetric", "align_corners"}}
+
+
+def _nodes(graph):
+    """Every node of a graph, subgraphs (If / Loop / Scan bodies) included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _nodes(sub)
+
+
+def trt_readiness(onnx_path, profile: dict | None = None) -> list[str]:
+    """What TensorRT 10's ONNX parser would refuse in this graph, found without TensorRT: the opset
+    range, unsupported operators or custom domains, input / output types, Resize modes, and (given the
+    optimisation profile {input: [min, opt, max]}) profile shapes that contradict the graph's static
+    dimensions, leave a dynamic axis unset, or are not min <= opt <= max. Empty list: nothing found."""
+    import onnx
+
+    model = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    problems = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not TRT10_OPSETS[0] <= opset <= TRT10_OPSETS[1]:
+        problems.append(f"opset {opset} is outside TensorRT 10's {TRT10_OPSETS[0]}..{TRT10_OPSETS[1]}: "
+                        f"export with --opset {min(max(opset or 17, TRT10_OPSETS[0]), TRT10_OPSETS[1])}")
+    for node in _nodes(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            problems.append(f"node {node.name or node.op_type}: custom-domain op {node.domain}::{node.op_type}")
+        elif node.op_type in TRT10_UNSUPPORTED_OPS:
+            problems.append(f"node {node.name or node.op_type}: {node.op_type} is not supported by TensorRT 10")
+        elif node.op_type == "Resize":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            for key, ok in _RESIZE_OK.items():
+                val = attrs.get(key, b"nearest" if key == "mode" else b"half_pixel")
+                val = val.decode() if isinstance(val, bytes) else str(val)
+                if val not in ok:
+                    problems.append(f"node {node.name}: Resize {key}={val} is not supported by TensorRT 10")
+            if attrs.get("antialias", 0):
+                problems.append(f"node {node.name}: Resize with antialias is not supported by TensorRT 10")
+    init = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in init]
+    for v in inputs + list(model.graph.output):
+        t = onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)
+        if t not in TRT10_IO_TYPES:
+            problems.append(f"{v.name}: {t} network inputs / outputs are not supported by TensorRT 10")
+    if profile is not None:
+        problems += _profile_problems(inputs, profile)
+    return problems
+
+
+def _profile_problems(inputs, profile: dict) -> list[str]:
+    problems = []
+    names = {v.name for v in inputs}
+    for extra in sorted(set(profile) - names):
+        problems.append(f"profile names {extra}, which is not an input of the graph")
+    for v in inputs:
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in v.type.tensor_type.shape.dim]
+        if v.name not in profile:
+            if any(isinstance(d, str) or d is None for d in dims):
+                problems.append(f"input {v.name} has dynamic axes {dims} but no optimisation profile")
+            continue
+        lo, opt, hi = profile[v.name]
+        if not len(lo) == len(opt) == len(hi) == len(dims):
+            problems.append(f"input {v.name}: profile ranks {len(lo)}/{len(opt)}/{len(hi)} != graph rank {len(dims)}")
+            continue
+        for i, d in enumerate(dims):
+            trio = (lo[i], opt[i], hi[i])
+            if isinstance(d, int) and d > 0 and trio != (d, d, d):
+                problems.append(f"input {v.name} axis {i} is fixed at {d} but the profile gives {trio}")
+            elif not 1 <= lo[i] <= opt[i] <= hi[i]:
+                problems.append(f"input {v.name} axis {i} ({d}): profile {trio} is not 1 <= min <= opt <= max")
+    return problems
+
+
+def trtexec_command(onnx_path, engine, profile: dict, precision: str = "fp16", timing_cache=None,
+                    workspace_gib: float = 4.0) -> list[str]:
+    """The `trtexec` command that builds what `build_engine` builds: the same (already typed) graph,
+    strongly typed network, profile, workspace, TF32 off for fp32 and timing cache. For reproducing
+    or debugging a build on a machine with TensorRT's tools; wsclip itself uses the Python API."""
+
+    def shapes(i):
+        return ",".join(f"{n}:{'x'.join(str(d) for d in trio[i])}" for n, trio in profile.items())
+
+    cmd = ["trtexec", f"--onnx={os.fspath(onnx_path)}", f"--saveEngine={os.fspath(engine)}", "--stronglyTyped",
+           f"--memPoolSize=workspace:{int(workspace_gib * 1024)}M"]
+    if profile:
+        cmd += [f"--minShapes={shapes(0)}", f"--optShapes={shapes(1)}", f"--maxShapes={shapes(2)}"]
+    if precision == "fp32":
+        cmd.append("--noTF32")
+    if timing_cache:
+        cmd.append(f"--timingCacheFile={os.fspath(timing_cache)}")
+    return cmd
+
+
+def _typed_graph(onnx_path, out, precision, src, profile, calib_images=None, calib_cache=None,
+                 calib_count: int = 64, calib_method: str = "minmax") -> Path:
+    """The graph TensorRT is given for `precision` (precision lives in the graph): the fp32 export
+    itself, its fp16 rewrite, or its int8 / fp8 Q/DQ graph; written beside `out`."""
+    from wsclip.export import precision as prec
+
+    if precision == "fp16":
+        typed = out.with_name(out.stem + ".fp16.onnx")
+        prec.to_fp16(onnx_path, typed)
+        return typed
+    if precision in ("int8", "fp8"):
+        typed = out.with_name(f"{out.stem}.{precision}.onnx")
+        prec.quantize(onnx_path, typed, precision, images=calib_images, count=calib_count, method=calib_method,
+                      cache=calib_cache or out.with_name(f"{out.stem}.{precision}.calib"),
+                      hw=profile[src["inputs"][0]["name"]][1][2:] if src.get("dynamic_hw") else None)
+        return typed
+    return Path(onnx_path)
+
+
+def check_build(onnx_path, out, *, precision: str = "fp16", calib_images=None, min_batch: int = 1,
+                opt_batch: int = 8, max_batch: int = 32, min_hw=None, opt_hw=None, max_hw=None, timing_cache=None,
+                workspace_gib: float = 4.0) -> dict:
+    """Everything `build_engine` decides before TensorRT runs, checked without TensorRT or a GPU:
+    the typed graph it would parse (`trt_readiness`), the optimisation profile against the graph's
+    dynamic axes, and the equivalent `trtexec` command. {"graph", "opset", "ops", "profile",
+    "problems", "trtexec"}; int8 / fp8 need calib_images (the Q/DQ graph is calibrated)."""
+    import onnx
+
+    from wsclip.export import precision as prec
+    from wsclip.export.onnx import verify_artefact
+
+    onnx_path, out = Path(onnx_path), Path(out)
+    if precision not in prec.PRECISIONS:
+        raise WsclipError(f"unknown precision '{precision}': use one of {', '.join(prec.PRECISIONS)}")
+    src = verify_artefact(onnx_path)
+    profile = make_profile(src, min_batch, opt_batch, max_batch, min_hw, opt_hw, max_hw)
+    if precision in ("int8", "fp8") and calib_images is None:
+        raise WsclipError(f"--{precision} needs --calib-images to write the graph TensorRT would parse")
+    typed = _typed_graph(onnx_path, out, precision, src, profile, calib_images)
+    model = onnx.load(os.fspath(typed), load_external_data=False)
+    return {"graph": os.fspath(typed),
+            "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
+            "ops": sorted({n.op_type for n in _nodes(model.graph)}), "profile": profile,
+            "problems": trt_readiness(typed, profile),
+            "trtexec": trtexec_command(typed, out, profile, precision, timing_cache, workspace_gib)}
+
+
 # ============================================================================ TensorRT (not run in CI)
 def _trt():
     from wsclip.errors import require
@@ -152,16 +309,10 @@ def build_engine(onnx_path, out, *, precision: str = "fp16", calib_images=None, 
         raise WsclipError(f"fp8 needs compute capability 8.9 or newer (Ada, Hopper); this {env['gpu']} is "
                           f"{env['compute_capability']}: use --int8 or --fp16")
     profile = make_profile(src, min_batch, opt_batch, max_batch, min_hw, opt_hw, max_hw)
-
-    typed = onnx_path
-    if precision == "fp16":
-        typed = out.with_name(out.stem + ".fp16.onnx")
-        prec.to_fp16(onnx_path, typed)
-    elif precision in ("int8", "fp8"):
-        typed = out.with_name(f"{out.stem}.{precision}.onnx")
-        prec.quantize(onnx_path, typed, precision, images=calib_images, count=calib_count, method=calib_method,
-                      cache=calib_cache or out.with_name(f"{out.stem}.{precision}.calib"),
-                      hw=profile[src["inputs"][0]["name"]][1][2:] if src.get("dynamic_hw") else None)
+    typed = _typed_graph(onnx_path, out, precision, src, profile, calib_images, calib_cache, calib_count, calib_method)
+    problems = trt_readiness(typed, profile)
+    if problems:
+        raise BadFileError(f"TensorRT 10 would not take {typed}: " + "; ".join(problems[:5]))
 
     logger = trt.Logger(trt.Logger.WARNING)
     with torch.cuda.device(device):

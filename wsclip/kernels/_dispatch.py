@@ -81,24 +81,45 @@ class _FixedConfig:
         return functools.partial(launch, **self.config)
 
 
-def tuned(kernel, configs: list[dict], key: list[str], default: dict, num_warps: list[int] | None = None):
-    """`triton.autotune` over `configs` on a real GPU; `default` as a fixed config in the interpreter.
-
-    configs and default map meta-parameter names to values (a config may also set
-    "num_warps" / "num_stages"); num_warps (GPU only) lists the warp counts tried with every
-    config that does not set its own. Launch as `k[grid](*args)` either way.
-    """
+def tuned(kernel, spec):
+    """`triton.autotune` over `spec.configs` on a real GPU; `spec.interpret` as a fixed config in the
+    interpreter. spec is the kernel's `tuning.KernelSpec`; its `tl.dot` precision (if any) reaches the
+    kernel as the DOT constexpr. Launch as `k[grid](*args)` either way."""
+    dot = {"DOT": spec.dot} if spec.dot else {}
     if interpreting():
-        return _FixedConfig(kernel, default)
+        return _FixedConfig(kernel, {**spec.interpret, **dot})
     import triton
 
     cfgs = []
-    for c in configs:
+    for c in spec.configs:
         meta = {k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}
-        extra = {"num_stages": c["num_stages"]} if "num_stages" in c else {}
-        for w in [c["num_warps"]] if "num_warps" in c else (num_warps or [4]):
-            cfgs.append(triton.Config(meta, num_warps=w, **extra))
-    return triton.autotune(configs=cfgs, key=key)(kernel)
+        cfgs.append(triton.Config({**meta, **dot}, num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return triton.autotune(configs=cfgs, key=list(spec.key))(kernel)
+
+
+def triton_type(t) -> str:
+    """The Triton signature type of a launch argument: "*fp32" for a float32 tensor, "i32", "fp32"."""
+    if hasattr(t, "dtype") and hasattr(t, "data_ptr"):
+        return "*" + _TYPES.get(str(t.dtype).removeprefix("torch."), str(t.dtype))
+    return "fp32" if isinstance(t, float) else "i32"
+
+
+_TYPES = {"uint8": "u8", "int8": "i8", "int32": "i32", "int64": "i64", "float16": "fp16", "bfloat16": "bf16",
+          "float32": "fp32", "float64": "fp64"}
+
+
+def check_launch(spec, **args) -> None:
+    """Refuse a launch outside `spec`'s domain (an argument type or launch constexpr value that
+    tuning.SPECS does not list, so CI never compiled it): a bug in the dispatch, not a user error."""
+    for name, value in args.items():
+        if name in spec.launch:
+            ok, got, allowed = value in spec.launch[name], value, spec.launch[name]
+        else:
+            got, allowed = triton_type(value), spec.allowed(name)
+            ok = got in allowed
+        if not ok:
+            raise AssertionError(f"{spec.name}: {name}={got!r} is outside the compiled launch domain {allowed} "
+                                 "(wsclip/kernels/tuning.py)")
 
 
 def empty(shape, dtype, device):

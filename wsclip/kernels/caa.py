@@ -12,6 +12,11 @@ inside a `tl.dot` tiled product and computes only the tiles on and above the dia
 (A is symmetric), writing each off-diagonal tile twice. `caa_refine` goes further: with S
 symmetric, F = V A^T = (V S) S, and V S needs only W, r and c: skinny products with W and
 W^T instead of the N^3 square, and no N x N temporary at all.
+
+GPU precision, decided in `tuning.DOT_PRECISION` with the reasons: every `tl.dot` uses TF32 tensor
+cores (the square is compute-bound; exact fp32 in the propagation spills registers). Every term is
+>= 0, so each product is within `tuning.dot_rel_bound("tf32", N)` (about 1e-3) element-wise; the
+parity tests take their tolerances from the same bound.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 
 from wsclip.errors import ShapeError
 from wsclip.kernels import _dispatch
-from wsclip.kernels._dispatch import import_triton, interpreting, next_pow2, resolve_backend, tuned
+from wsclip.kernels._dispatch import check_launch, import_triton, interpreting, next_pow2, resolve_backend, tuned
+from wsclip.kernels.tuning import CAA_MAX_BLOCK_C, SPECS
 
 tl = None  # triton.language, bound by _triton_kernels() on first use of the Triton path
 
@@ -108,12 +114,14 @@ def caa_propagate_reference(transition: torch.Tensor, cams: torch.Tensor, masks:
 
 # ----------------------------------------------------------------------------- Triton kernels
 @functools.lru_cache(maxsize=None)
-def _triton_kernels(interpret: bool):
+def _jit_kernels(interpret: bool) -> dict:
+    """The `triton.jit` functions by name, interpreted ones when `interpret` (launch space:
+    tuning.SPECS["caa.<name>"]; DOT is the tl.dot input precision, tuning.DOT_PRECISION)."""
     global tl
     triton, tl = import_triton()
 
     @triton.jit
-    def sym_square(w, r, c, out, N, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    def sym_square(w, r, c, out, N, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
         # out = S @ S, S_ij = (r_i W_ij c_j + r_j W_ji c_i) / 2; tiles on/above the diagonal only
         b = tl.program_id(0)
         ti = tl.program_id(1)
@@ -144,7 +152,7 @@ def _triton_kernels(interpret: bool):
                 w_kj = tl.load(wb + kk[:, None] * N + jn[None, :], mask=m_kj, other=0.0).to(tl.float32)
                 w_jk = tl.load(wb + jn[None, :] * N + kk[:, None], mask=m_kj, other=0.0).to(tl.float32)
                 s_kj = (rk[:, None] * w_kj * cj[None, :] + rj[None, :] * w_jk * ck[:, None]) * 0.5
-                acc += tl.dot(s_ik, s_kj)
+                acc += tl.dot(s_ik, s_kj, input_precision=DOT)
             ob = out + b.to(tl.int64) * N * N
             omask = imask[:, None] & jmask[None, :]
             tl.store(ob + im[:, None] * N + jn[None, :], acc, mask=omask)
@@ -153,13 +161,14 @@ def _triton_kernels(interpret: bool):
 
     @triton.jit
     def propagate(a, v, r, c, out, N, C, SYM: tl.constexpr,
-                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, DOT: tl.constexpr):
+        # one program: BLOCK_I rows i x BLOCK_C classes (program_id 2 picks the class block)
         # SYM=False: out[b, c, i] = sum_j a[b, i, j] v[b, c, j]   (out = v a^T)
         # SYM=True:  out = v S with S = (diag(r) a diag(c) + diag(c) a^T diag(r)) / 2, S never formed:
         #   out[c, i] = (r_i sum_j a_ij c_j v_cj + c_i sum_j a_ji r_j v_cj) / 2
         b = tl.program_id(0)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        cc = tl.arange(0, BLOCK_C)
+        cc = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
         imask = i < N
         cmask = cc < C
         ab = a + b.to(tl.int64) * N * N
@@ -176,11 +185,11 @@ def _triton_kernels(interpret: bool):
             if SYM:
                 cj = tl.load(c + b * N + j, mask=jmask, other=0.0)
                 rj = tl.load(r + b * N + j, mask=jmask, other=0.0)
-                acc += tl.dot(at, vt * cj[:, None])
+                acc += tl.dot(at, vt * cj[:, None], input_precision=DOT)
                 a_ji = tl.load(ab + j[None, :] * N + i[:, None], mask=m_ij, other=0.0).to(tl.float32)
-                acc_t += tl.dot(a_ji, vt * rj[:, None])
+                acc_t += tl.dot(a_ji, vt * rj[:, None], input_precision=DOT)
             else:
-                acc += tl.dot(at, vt)
+                acc += tl.dot(at, vt, input_precision=DOT)
         if SYM:
             ri = tl.load(r + b * N + i, mask=imask, other=0.0)
             ci = tl.load(c + b * N + i, mask=imask, other=0.0)
@@ -188,30 +197,14 @@ def _triton_kernels(interpret: bool):
         tl.store(out + b.to(tl.int64) * C * N + cc[None, :] * N + i[:, None], acc,
                  mask=imask[:, None] & cmask[None, :])
 
-    square = tuned(
-        sym_square,
-        configs=[
-            {"BLOCK": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2},
-            {"BLOCK": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2},
-            {"BLOCK": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2},
-            {"BLOCK": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3},
-        ],
-        key=["N"],
-        default={"BLOCK": 16, "BLOCK_K": 16},
-    )
-    prop = tuned(
-        propagate,
-        configs=[
-            {"BLOCK_I": 32, "BLOCK_J": 128, "num_stages": 3},
-            {"BLOCK_I": 64, "BLOCK_J": 64, "num_stages": 3},
-            {"BLOCK_I": 64, "BLOCK_J": 128, "num_stages": 2},
-            {"BLOCK_I": 128, "BLOCK_J": 64, "num_stages": 2},
-        ],
-        key=["N", "C", "SYM"],
-        default={"BLOCK_I": 16, "BLOCK_J": 16},
-        num_warps=[4],
-    )
-    return triton, square, prop
+    return {"sym_square": sym_square, "propagate": propagate}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels(interpret: bool):
+    triton, _ = import_triton()
+    jit = _jit_kernels(interpret)
+    return triton, tuned(jit["sym_square"], SPECS["caa.sym_square"]), tuned(jit["propagate"], SPECS["caa.propagate"])
 
 
 def _square_triton(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -219,8 +212,10 @@ def _square_triton(w: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.T
     B, N, _ = w.shape
     out = _dispatch.empty((B, N, N), torch.float32, w.device)
     if B and N:
+        r, c = r.float().contiguous(), c.float().contiguous()
+        check_launch(SPECS["caa.sym_square"], w=w, r=r, c=c, out=out)
         grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK"]), triton.cdiv(N, meta["BLOCK"]))  # noqa: E731
-        square[grid](w, r.float().contiguous(), c.float().contiguous(), out, N)
+        square[grid](w, r, c, out, N)
     return out
 
 
@@ -230,10 +225,14 @@ def _propagate_triton(a: torch.Tensor, v: torch.Tensor, scales=None) -> torch.Te
     B, C, N = v.shape
     out = _dispatch.empty((B, C, N), torch.float32, a.device)
     if B and C and N:
+        v = v.float().contiguous()
         r, c = (t.float().contiguous() for t in scales) if scales is not None else (v, v)  # unused when not SYM
-        grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK_I"]))  # noqa: E731
-        prop[grid](a.contiguous(), v.contiguous(), r, c, out, N, C, SYM=scales is not None,
-                   BLOCK_C=max(16, next_pow2(C)))
+        a = a.contiguous() if a.dtype in (torch.float16, torch.bfloat16, torch.float32) else a.float().contiguous()
+        block_c = min(max(16, next_pow2(C)), CAA_MAX_BLOCK_C)
+        sym = scales is not None
+        check_launch(SPECS["caa.propagate"], a=a, v=v, r=r, c=c, out=out, SYM=sym, BLOCK_C=block_c)
+        grid = lambda meta: (B, triton.cdiv(N, meta["BLOCK_I"]), triton.cdiv(C, block_c))  # noqa: E731
+        prop[grid](a, v, r, c, out, N, C, SYM=sym, BLOCK_C=block_c)
     return out
 
 
@@ -252,7 +251,8 @@ def caa_transition(attn: torch.Tensor, iters: int = 3, backend: str = "auto") ->
     """The CAA transition A = S @ S (B, N, N), fp32 (fp64 for fp64 input).
 
     S = (D + D^T) / 2, D the attention after `iters` rounds of column then row normalisation.
-    The Triton path multiplies with tf32 tensor cores on the GPU (about 3e-4 relative).
+    On a GPU the Triton path multiplies with TF32 tensor cores (tuning.DOT_PRECISION): every element
+    within `tuning.dot_rel_bound("tf32", N)` (about 1e-3) relative of the fp32 product.
     """
     _check_attn(attn)
     if resolve_backend(backend, attn) == "torch" or attn.dtype == torch.float64:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from wsclip.errors import ShapeError
 from wsclip.kernels import CLIP_MEAN, CLIP_STD
 from wsclip.kernels import _dispatch
-from wsclip.kernels._dispatch import import_triton, interpreting, resolve_backend, tuned
+from wsclip.kernels._dispatch import check_launch, import_triton, interpreting, resolve_backend, tuned
+from wsclip.kernels.tuning import SPECS
 
 tl = None  # triton.language, bound by _triton_kernels() on first use of the Triton path
 
@@ -89,7 +90,8 @@ def masked_batch_reference(images, cams, pairs, size=224, mean=CLIP_MEAN, std=CL
 
 # ----------------------------------------------------------------------------- Triton kernels
 @functools.lru_cache(maxsize=None)
-def _triton_kernels(interpret: bool):
+def _jit_kernels(interpret: bool) -> dict:
+    """The `triton.jit` functions by name, interpreted ones when `interpret` (launch space: tuning.SPECS["masked_batch.<name>"])."""
     global tl
     triton, tl = import_triton()
 
@@ -191,19 +193,25 @@ def _triton_kernels(interpret: bool):
             acc += v * d
         tl.store(g + m.to(tl.int64) * SS + o, acc, mask=om)
 
-    blocks = [{"BLOCK": 256}, {"BLOCK": 512}, {"BLOCK": 1024}]
-    fwd_k = tuned(fwd, blocks, key=["S", "H", "W"], default={"BLOCK": 64}, num_warps=[4, 8])
-    grad_k = tuned(grad, blocks, key=["S", "H", "W"], default={"BLOCK": 64}, num_warps=[4, 8])
-    return triton, fwd_k, grad_k
+    return {"fwd": fwd, "grad": grad}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels(interpret: bool):
+    triton, _ = import_triton()
+    jit = _jit_kernels(interpret)
+    return triton, tuned(jit["fwd"], SPECS["masked_batch.fwd"]), tuned(jit["grad"], SPECS["masked_batch.grad"])
 
 
 def _forward_triton(images, cams, pairs, size, a, b, out_dtype):
     triton, fwd, _ = _triton_kernels(interpreting())
+    cams = cams.float().contiguous()
     B, _, H, W = images.shape
     K, h, w = cams.shape[1:]
     M = pairs.shape[0]
     out = _dispatch.empty((2 * M, 3, size, size), out_dtype, images.device)  # fg rows, then bg rows
     if M:
+        check_launch(SPECS["masked_batch.fwd"], img=images, cam=cams, pairs=pairs, fg=out)
         grid = lambda meta: (M, triton.cdiv(size * size, meta["BLOCK"]))  # noqa: E731
         fwd[grid](images, cams, pairs, out[:M], out[M:], H, W, h, w, K, size,
                   _scale(H, size), _scale(W, size), _scale(h, size), _scale(w, size), *a, *b)
@@ -233,6 +241,7 @@ def _backward_triton(images, pairs, cam_shape, cam_dtype, size, a, b, dout):
         g = _dispatch.empty((M, size, size), torch.float32, images.device)
         grid = lambda meta: (M, triton.cdiv(size * size, meta["BLOCK"]))  # noqa: E731
         dout = dout.contiguous()
+        check_launch(SPECS["masked_batch.grad"], img=images, pairs=pairs, dfg=dout, g=g)
         grad[grid](images, pairs, dout[:M], dout[M:], g, H, W, size,
                    _scale(H, size), _scale(W, size), *a, *b)
         # adjoint of the separable CAM resize: R_y^T G R_x per pair, summed into (n, k)
@@ -289,11 +298,17 @@ def masked_batch(
         fg, bg = masked_batch_reference(images, cams, pairs, size, mean, std, out_dtype)
         return torch.cat([fg, bg]) if stacked else (fg, bg)
     a, b = _affine(images, mean, std)
+    # the kernels' launch domain (tuning.SPECS): images uint8/fp16/bf16/fp32, CAMs read as fp32, outputs
+    # fp16/bf16/fp32; fp64 is computed in fp32 either way, so the casts below change no value
+    if images.dtype == torch.float64:
+        images = images.float()
     images = images.contiguous()
+    kern_out = out_dtype if out_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     pairs = pairs.to(device=images.device, dtype=torch.int64).contiguous()
     if cams.requires_grad and torch.is_grad_enabled():
-        out = _MaskedBatch.apply(cams.contiguous(), images, pairs, size, a, b, out_dtype)
+        out = _MaskedBatch.apply(cams.contiguous(), images, pairs, size, a, b, kern_out)
     else:
-        out = _forward_triton(images, cams.contiguous(), pairs, size, a, b, out_dtype)
+        out = _forward_triton(images, cams.contiguous(), pairs, size, a, b, kern_out)
+    out = out.to(out_dtype)
     m = pairs.shape[0]
     return out if stacked else (out[:m], out[m:])

@@ -23,7 +23,8 @@ import torch
 
 from wsclip.errors import ShapeError
 from wsclip.kernels import _dispatch
-from wsclip.kernels._dispatch import import_triton, interpreting, next_pow2, resolve_backend, tuned
+from wsclip.kernels._dispatch import check_launch, import_triton, interpreting, next_pow2, resolve_backend, tuned
+from wsclip.kernels.tuning import RW_MAX_BLOCK_C, SPECS
 
 tl = None  # triton.language, bound by _triton_kernels() on first use of the Triton path
 
@@ -174,7 +175,8 @@ def _walk_torch(x: torch.Tensor, wf: torch.Tensor, inv_d: torch.Tensor, radius: 
 
 # ----------------------------------------------------------------------------- Triton path
 @functools.lru_cache(maxsize=None)
-def _triton_kernels(interpret: bool):
+def _jit_kernels(interpret: bool) -> dict:
+    """The `triton.jit` functions by name, interpreted ones when `interpret` (launch space: tuning.SPECS["random_walk.<name>"])."""
     global tl
     triton, tl = import_triton()
 
@@ -216,14 +218,13 @@ def _triton_kernels(interpret: bool):
         acc += tl.load(add + rows + p[None, :], mask=cm[:, None] & pm[None, :], other=0.0)
         tl.store(dst + rows + p[None, :], acc, mask=cm[:, None] & pm[None, :])
 
-    step = tuned(
-        rw_step,
-        configs=[{"BLOCK_P": 64}, {"BLOCK_P": 128}, {"BLOCK_P": 256}],
-        key=["C", "H", "W", "K"],
-        default={"BLOCK_P": 64},
-        num_warps=[2, 4],
-    )
-    return triton, step
+    return {"rw_step": rw_step}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels(interpret: bool):
+    triton, _ = import_triton()
+    return triton, tuned(_jit_kernels(interpret)["rw_step"], SPECS["random_walk.rw_step"])
 
 
 def _offset_table(radius: int, device) -> torch.Tensor:
@@ -241,7 +242,7 @@ def _walk_triton(x: torch.Tensor, wf: torch.Tensor, inv_d: torch.Tensor, radius:
     K = len(_offsets(radius))
     if off_t is None:
         off_t = _offset_table(radius, x.device)
-    block_c = min(next_pow2(C), 16)
+    block_c = min(next_pow2(C), RW_MAX_BLOCK_C)
     x0 = x.float().contiguous()
     if steps == 0 or x0.numel() == 0:
         return x0.clone()
@@ -252,6 +253,7 @@ def _walk_triton(x: torch.Tensor, wf: torch.Tensor, inv_d: torch.Tensor, radius:
     def grid(meta):
         return (triton.cdiv(H * W, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]), B)
 
+    check_launch(SPECS["random_walk.rw_step"], src=x0, wf=wf, inv_d=inv_d, offs=off_t, BLOCK_C=block_c)
     step[grid](x0, c, neg_x0, wf, inv_d, off_t, C, H, W, K, BLOCK_C=block_c)
     cur = c
     for s in range(steps - 1):

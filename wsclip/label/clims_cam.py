@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, WsclipError
+from wsclip.runtime import precision
 
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,9 +69,8 @@ def multiscale_cam(net, inputs: Sequence[torch.Tensor], hw, keys: torch.Tensor, 
     high = torch.zeros(len(keys), *hw, device=device)
     if len(keys) == 0:
         return low, high
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else torch.autocast("cpu", enabled=False)
     for x in inputs:
-        with ctx:
+        with precision(device, amp):
             raw = net(x.to(device, non_blocking=True))
         cam = F.relu(raw.float()[:, keys])  # (2, K', h, w)
         cam = (cam[0] + cam[1].flip(-1))[None]
@@ -119,7 +119,11 @@ class _Prepared(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, n):
-        item = self.dataset[self.indices[n]]
+        i = self.indices[n]
+        try:
+            item = self.dataset[i]
+        except WsclipError as exc:  # a bad image is skipped into errors.json; the run goes on
+            return {"id": self.dataset.ids[i], "error": str(exc)}
         image = np.asarray(item["image"])
         keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten()
         return {"id": item["id"], "hw": image.shape[:2], "keys": keys, "inputs": multiscale_inputs(image, self.scales)}
@@ -145,6 +149,7 @@ def make_cams(
     checkpoint: a CAM network checkpoint path or a CAMNet. Images whose file exists are
     skipped. Returns {"written", "skipped", "total"}.
     """
+    from wsclip.io import write_errors
     from wsclip.models.camnet import load_camnet
     from wsclip.progress import progress
     from wsclip.train.loop import resolve_device
@@ -159,7 +164,7 @@ def make_cams(
     if isinstance(data, (str, Path)):
         from wsclip.data import open_images
 
-        ds = open_images(data, split)
+        ds = open_images(data, split, classes=classes)  # a folder's label names map onto the model's classes
     else:
         ds = data
     if len(ds.classes) != net.num_classes:
@@ -177,14 +182,18 @@ def make_cams(
         _Prepared(ds, todo, scales), batch_size=None, shuffle=False, num_workers=num_workers,
         collate_fn=_identity, pin_memory=dev.type == "cuda",
     )
-    written = 0
+    written, failed = 0, []
     for item in progress(loader, total=len(todo), desc="cam", unit="img"):
+        if "error" in item:
+            failed.append((item["id"], item["error"]))
+            continue
         low, high = multiscale_cam(net, item["inputs"], tuple(item["hw"]), item["keys"], amp=amp)
         write_cam_file(out / f"{item['id']}.npz", item["keys"], low, high)
         written += 1
         if on_image is not None:
             on_image(item["id"])
-    return {"written": written, "skipped": skipped, "total": len(ds)}
+    write_errors(out, failed)
+    return {"written": written, "skipped": skipped, "failed": failed, "total": len(ds)}
 
 
 # ============================================================================ evaluation

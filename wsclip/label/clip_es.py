@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import ShapeError, WsclipError
+from wsclip.runtime import precision
 
 __all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
            "make_clip_es_cams", "caa_refine_cam_files"]
@@ -147,8 +148,13 @@ class ClipEs:
         """Batched CLIP-ES at patch resolution for pixels (B, 3, H', W') and keys (B, S) (-1 = empty slot).
 
         Returns {"raw": GradCAM (B, S, h, w) min-max normalised, "refined": CAA maps (B, S, h, w) or
-        None, "probs": (B, K + L)}; empty slots hold zeros.
+        None, "probs": (B, K + L)}; empty slots hold zeros. Runs at wsclip's inference precision
+        (`wsclip.runtime.precision`: fp32 without TF32 on CUDA; the CLIP weights' dtype as loaded).
         """
+        with precision(self.device):
+            return self._forward(pixels, keys)
+
+    def _forward(self, pixels: torch.Tensor, keys: torch.Tensor) -> dict:
         if keys.dim() != 2 or keys.shape[0] != pixels.shape[0]:
             raise ShapeError(f"keys must be (B, S) for {pixels.shape[0]} images, got {tuple(keys.shape)}")
         K = self.fg_text.shape[0]
@@ -244,7 +250,10 @@ class _Decoded(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, n):
-        item = self.dataset[self.indices[n]]
+        try:
+            item = self.dataset[self.indices[n]]
+        except WsclipError as exc:  # a bad image is skipped into errors.json; the run goes on
+            return {"id": self.dataset.ids[self.indices[n]], "error": str(exc)}
         keys = torch.nonzero(torch.as_tensor(item["labels"]) > 0.5).flatten().tolist()
         image = np.asarray(item["image"])
         image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
@@ -293,8 +302,10 @@ def make_clip_es_cams(
     """Write `<out_dir>/<id>.npz` CLIP-ES CAMs for every image of `data` (a spec or a dataset); resumes.
 
     clip: a checkpoint path (loaded with `wsclip.models.clip.load_clip`) or a ClipModel. Images whose
-    file exists are skipped. Returns {"written", "skipped", "total"}.
+    file exists are skipped; a bad image is skipped into <out_dir>/errors.json. Returns {"written",
+    "skipped", "failed", "total"}.
     """
+    from wsclip.io import write_errors
     from wsclip.progress import progress
     from wsclip.train.loop import resolve_device
 
@@ -319,9 +330,17 @@ def make_clip_es_cams(
     skipped = len(ds) - len(todo)
     loader = torch.utils.data.DataLoader(_Decoded(ds, todo), batch_size=None, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity)
-    written = 0
+    written, failed = 0, []
     bar = progress(total=len(todo), desc="cam clip-es", unit="img")
     pending: list = []
+
+    def decoded():
+        for it in loader:
+            if "error" in it:
+                failed.append((it["id"], it["error"]))
+                bar.update(1)
+            else:
+                yield it
 
     def drain(wait_for: int = 0) -> None:
         """Collect finished writes (and wait for the oldest until at most `wait_for` remain)."""
@@ -339,7 +358,7 @@ def make_clip_es_cams(
         pending[:] = keep
 
     with ThreadPoolExecutor(max_workers=2) as writers:  # zlib releases the GIL: writes overlap compute
-        for batch in bucket_by_shape(loader, lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
+        for batch in bucket_by_shape(decoded(), lambda it: rounded_size(it["image"].shape[:2], labeler.patch),
                                      cfg.batch_size):
             results = labeler.label([it["image"] for it in batch], [it["keys"] for it in batch])
             for it, res in zip(batch, results):
@@ -348,7 +367,8 @@ def make_clip_es_cams(
             drain(wait_for=2 * cfg.batch_size)
         drain(wait_for=0)
     bar.close()
-    return {"written": written, "skipped": skipped, "total": len(ds)}
+    write_errors(out, failed)
+    return {"written": written, "skipped": skipped, "failed": failed, "total": len(ds)}
 
 
 

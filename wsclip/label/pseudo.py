@@ -4,7 +4,9 @@ Per image: scores = [background, CAMs of the present classes], background either
 threshold or (1 - max_c CAM)^alpha; optionally IRN random walk (boundary maps from an IRN
 checkpoint or a folder), dense CRF (in worker processes) and the confidence filter of CLIP-ES's
 CGL (max posterior below 0.95 -> 255); argmax; a palette PNG per image (`wsclip eval` reads it).
-Outputs are written atomically; existing PNGs are skipped, so a killed run resumes. A corrupt
+Outputs are written atomically; existing PNGs are skipped, so a killed run resumes. Each mask's
+quality score (wsclip.label.quality: CGL-dropped share, CRF changes, CAM sharpness, degenerate classes)
+goes to `quality.json` ({id: quality}) in the output folder, for `wsclip review` and the exports. A corrupt
 or mismatched CAM file is reported by name and skipped (`on_error="skip"`) or stops the run.
 """
 
@@ -25,6 +27,7 @@ from wsclip.refine.crf import CRFParams, crf_pool
 __all__ = ["PseudoConfig", "stack_scores", "scores_to_mask", "pseudo_mask", "read_cams", "make_pseudo_masks"]
 
 BACKGROUNDS = ("power", "threshold")
+QUALITY_FILE = "quality.json"  # {id: quality entry} of the masks in a `wsclip pseudo` folder
 ON_ERROR = ("skip", "fail")
 
 
@@ -120,16 +123,21 @@ def random_walk_scores(cams: np.ndarray, edge, cfg: PseudoConfig, low=None, devi
     return scores.float().cpu().numpy()
 
 
-def _finish(job) -> str:
-    """Worker side: optional CRF, confidence filter, argmax, atomic PNG write. Returns the output path."""
+def _finish(job) -> dict:
+    """Worker side: optional CRF, confidence filter, argmax, atomic PNG write. Returns the mask's quality entry."""
     from wsclip.io import write_mask
+    from wsclip.label.quality import assess
     from wsclip.refine.crf import dense_crf
 
     image, scores, keys, out_path, cfg = job
+    before = None
+    cams = scores[1:]
     if cfg.crf:
+        before = scores_to_mask(scores, keys)
         scores = dense_crf(image, scores, cfg.crf_params)
-    write_mask(out_path, scores_to_mask(scores, keys, cfg.confidence))
-    return str(out_path)
+    mask = scores_to_mask(scores, keys, cfg.confidence)
+    write_mask(out_path, mask)
+    return assess(mask, keys, cams, before)
 
 
 def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edge=None) -> np.ndarray:
@@ -150,6 +158,23 @@ def pseudo_mask(cam_file: dict, cfg: PseudoConfig | None = None, image=None, edg
 
 
 # ----------------------------------------------------------------------------- runner
+def _save_quality(path: Path, new: dict) -> None:
+    """Merge this run's quality entries into the folder's quality.json (atomically)."""
+    import json
+
+    from wsclip.io import atomic_write_json
+
+    if not new:
+        return
+    old = {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+    atomic_write_json(path, {**(old if isinstance(old, dict) else {}), **new})
+
+
 def _open(data, split):
     if data is None or not isinstance(data, (str, Path)):
         return data
@@ -214,6 +239,7 @@ def make_pseudo_masks(
     `<id>.npy` (h, w) / `<id>.npz` ("edge") maps at stride 4. Returns {"written", "skipped",
     "failed": [(id, message)], "total"}.
     """
+    from wsclip.io import read_errors, write_errors
     from wsclip.progress import progress
 
     cfg = cfg or PseudoConfig()
@@ -242,6 +268,7 @@ def make_pseudo_masks(
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if not (out / f"{i}.png").is_file()]
     failed: list[tuple[str, str]] = []
+    cam_errors = read_errors(cam_dir)  # images `wsclip cam` skipped have no CAM file: skipped here too
     written = 0
     workers = cfg.workers
     if workers is None:
@@ -250,13 +277,14 @@ def make_pseudo_masks(
         workers = default_workers() if cfg.crf else 0
     pool = crf_pool(workers) if (cfg.crf and workers > 1) else None
     inflight: list = []
+    quality: dict[str, dict] = {}
     bar = progress(total=len(todo), desc="pseudo", unit="img")
 
     def collect(limit: int) -> None:
         nonlocal written
         while len(inflight) > limit:
             image_id, fut = inflight.pop(0)
-            fut.result()
+            quality[image_id] = fut.result()
             written += 1
             bar.update(1)
             if on_image is not None:
@@ -264,11 +292,20 @@ def make_pseudo_masks(
 
     try:
         for image_id in todo:
+            if image_id in cam_errors and not (cam_dir / f"{image_id}.npz").is_file():
+                failed.append((image_id, f"no CAM file: `wsclip cam` skipped it ({cam_errors[image_id]})"))
+                bar.update(1)
+                continue
             try:
                 cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
                 image = None
                 if need_image:
-                    image = ds.load_image(ds.index(image_id))
+                    try:
+                        image = ds.load_image(ds.index(image_id))
+                    except WsclipError as exc:  # a bad image never stops the run (whatever --on-error says)
+                        failed.append((image_id, str(exc)))
+                        bar.update(1)
+                        continue
                     if tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
                         raise BadFileError(
                             f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x{cam['cams'].shape[1]} "
@@ -288,7 +325,7 @@ def make_pseudo_masks(
                 continue
             job = (image, scores, cam["keys"], out / f"{image_id}.png", cfg)
             if pool is None:
-                _finish(job)
+                quality[image_id] = _finish(job)
                 written += 1
                 bar.update(1)
                 if on_image is not None:
@@ -301,4 +338,6 @@ def make_pseudo_masks(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+        _save_quality(out / QUALITY_FILE, quality)
+    write_errors(out, failed)
     return {"written": written, "skipped": len(ids) - len(todo), "failed": failed, "total": len(ids)}

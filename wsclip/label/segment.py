@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from wsclip.errors import WsclipError
+from wsclip.runtime import precision
 
 DEFAULT_SCALES = (0.5, 0.75, 1.0)
 
@@ -37,9 +38,7 @@ def segment_probs(net, image: np.ndarray, scales: Sequence[float] = DEFAULT_SCAL
 
     device = next(net.parameters()).device
     x = image_tensor(image, mean or IMAGENET_MEAN, std or IMAGENET_STD, device)
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda")
-           else torch.autocast(device.type, enabled=False))
-    with ctx:
+    with precision(device, amp):
         return net.predict(x, scales, flip)[0].float()
 
 
@@ -61,7 +60,10 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, n):
         i = self.indices[n]
-        return self.dataset.ids[i], np.asarray(self.dataset.load_image(i))
+        try:
+            return self.dataset.ids[i], np.asarray(self.dataset.load_image(i))
+        except WsclipError as exc:  # a bad image is skipped into errors.json; the run goes on
+            return self.dataset.ids[i], str(exc)
 
 
 def _identity(x):
@@ -98,9 +100,9 @@ def segment(
 
     checkpoint: a `wsclip train seg` checkpoint path or a SegNet. Finished PNGs are skipped.
     With crf, a dense CRF refines the probabilities in `crf_workers` processes (default: all
-    cores). Returns {"written", "skipped", "total"}.
+    cores). A bad image is skipped into <out_dir>/errors.json. Returns {"written", "skipped", "failed", "total"}.
     """
-    from wsclip.io import write_mask
+    from wsclip.io import write_errors, write_mask
     from wsclip.models.seg import load_seg_model
     from wsclip.progress import progress
     from wsclip.train.loop import resolve_device
@@ -130,7 +132,7 @@ def segment(
     todo = [i for i, image_id in enumerate(ds.ids) if not (out / f"{image_id}.png").is_file()]
     loader = torch.utils.data.DataLoader(_Images(ds, todo), batch_size=None, shuffle=False,
                                          num_workers=num_workers, collate_fn=_identity)
-    written = 0
+    written, failed = 0, []
 
     def done(image_id, mask):
         nonlocal written
@@ -147,6 +149,9 @@ def segment(
     pending: deque = deque()
     try:
         for image_id, image in progress(loader, total=len(todo), desc="segment", unit="img"):
+            if isinstance(image, str):
+                failed.append((image_id, image))
+                continue
             probs = segment_probs(net, image, scales, flip, meta.get("mean"), meta.get("std"), amp=amp)
             if not crf:
                 done(image_id, probs.argmax(0).to(torch.uint8).cpu().numpy())
@@ -165,4 +170,5 @@ def segment(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return {"written": written, "skipped": len(ds.ids) - len(todo), "total": len(ds.ids)}
+    write_errors(out, failed)
+    return {"written": written, "skipped": len(ds.ids) - len(todo), "failed": failed, "total": len(ds.ids)}

@@ -218,23 +218,17 @@ def save_camnet(path, net: CAMNet, classes: Sequence[str], preset: str | None = 
 
 def load_camnet(path, device="cpu") -> tuple[CAMNet, dict]:
     """Load a CAM network saved by save_camnet; returns (net in eval mode, meta)."""
-    from wsclip.io import load_checkpoint
+    from wsclip.io import describe_file, load_checkpoint, load_weights
 
     tensors, meta = load_checkpoint(path, expect_kind=None)
     if meta.get("kind") != KIND:
         raise CheckpointError(
-            f"{path} is a '{meta.get('kind')}' checkpoint, not a CAM network; pass the file "
+            f"{path} is {describe_file(path)}, not a CAM network; pass the camnet.safetensors "
             "written by `wsclip train cam` or `wsclip train clims`"
         )
     backbone, k = meta.get("backbone"), meta.get("num_classes")
     if backbone not in BACKBONES or not isinstance(k, int):
         raise CheckpointError(f"{path}: sidecar names backbone {backbone!r} with {k!r} classes; expected one of {BACKBONES}")
     net = CAMNet(backbone, k)
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path} does not match a {backbone} CAM network with {k} classes "
-            f"(weights for another architecture?): {str(exc).splitlines()[0]}"
-        ) from exc
+    load_weights(net, tensors, path, f"a {backbone} CAM network with {k} classes (as its sidecar says)")
     return net.to(device).eval(), meta

@@ -119,21 +119,16 @@ def save_irn(path, net: IRNEdgeNet, radius: int = 10, extra: dict | None = None)
 
 def load_irn(path, device="cpu") -> tuple[IRNEdgeNet, dict]:
     """Load a boundary network saved by save_irn (or a `wsclip train irn` trainer checkpoint); eval mode."""
-    from wsclip.io import load_checkpoint
+    from wsclip.io import describe_file, load_checkpoint, load_weights
 
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != KIND:
         raise CheckpointError(
-            f"{path} is a '{meta.get('kind')}' checkpoint, not an IRN boundary network; pass the file "
+            f"{path} is {describe_file(path)}, not an IRN boundary network; pass the file "
             "written by `wsclip train irn`"
         )
     net = IRNEdgeNet(meta.get("backbone", "resnet50"))
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path} does not match a {meta.get('backbone')} boundary network: {str(exc).splitlines()[0]}"
-        ) from exc
+    load_weights(net, tensors, path, f"a {meta.get('backbone')} boundary network (as its sidecar says)")
     return net.to(device).eval(), meta
 
 

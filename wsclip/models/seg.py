@@ -243,20 +243,15 @@ def model_from_meta(meta: dict, where="checkpoint") -> SegNet:
 
 def load_seg_model(path, device="cpu") -> tuple[SegNet, dict]:
     """Load a network saved by save_seg_model (or `wsclip train seg`); returns (net in eval mode, meta)."""
-    from wsclip.io import load_checkpoint
+    from wsclip.io import describe_file, load_checkpoint, load_weights
 
     tensors, meta = load_checkpoint(path)
     if meta.get("kind") != KIND:
         raise CheckpointError(
-            f"{path} is a '{meta.get('kind')}' checkpoint, not a segmentation network; pass the "
+            f"{path} is {describe_file(path)}, not a segmentation network; pass the "
             "seg.safetensors written by `wsclip train seg`"
         )
     net = model_from_meta(meta, str(path))
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path} does not match a {meta['arch']} {meta['backbone']} network with {meta['num_classes']} "
-            f"classes (weights for another architecture?): {str(exc).splitlines()[0]}"
-        ) from exc
+    load_weights(net, tensors, path, f"a {meta['arch']} {meta['backbone']} network with {meta['num_classes']} classes "
+                 "(as its sidecar says)")
     return net.to(device).eval(), meta

@@ -8,8 +8,13 @@ device. Outputs, under --out:
     <id>.png                palette mask (0 background, k class k, 255 ignore)
     cams/<id>.npz           with --cams: keys, cam (stride 4), high_res (the `wsclip cam` format)
     overlays/<id>.png       with --overlays
-    annotations.json        with --rle: COCO-style RLE annotations of every labelled image
-    manifest.jsonl          one line per finished (or failed) image; what a re-run skips
+    annotations.json        with --rle: COCO-style RLE annotations of every labelled image (each
+                            image entry with its quality score, "wsclip_quality")
+    manifest.jsonl          one line per finished (or failed) image; what a re-run skips; each line
+                            carries the image's quality score and its signals (wsclip.label.quality),
+                            and with --gt DIR its per-class IoU
+    classes.json            the class names (mask value k + 1 is class k)
+    review.json             accept / reject marks of `wsclip review` (the exports honour them)
     errors.json             images skipped with --on-error skip, and why
     summary.json            counts, throughput, errors of the last run
     label_config.json       the settings the outputs were made with (a re-run must match them)
@@ -40,6 +45,7 @@ from wsclip.workers import die_with_parent
 
 MANIFEST = "manifest.jsonl"
 CONFIG_FILE = "label_config.json"
+CLASSES_FILE = "classes.json"
 LOCK_FILE = ".wsclip-label.lock"
 ON_ERROR = ("skip", "fail")
 DECODERS = ("auto", "cpu", "gpu")
@@ -75,6 +81,18 @@ class ImageSource:
         if self.paths is not None:
             return read_image(self.paths[i])
         return np.ascontiguousarray(np.asarray(self.dataset.load_image(i), dtype=np.uint8))
+
+    def index_of(self, image_id: str) -> int | None:
+        """Position of an id in the inputs (None when absent)."""
+        if getattr(self, "_index", None) is None:
+            self._index = {i: n for n, i in enumerate(self.ids)}
+        return self._index.get(image_id)
+
+    def file_of(self, image_id: str) -> str | None:
+        """The absolute path of an image's file (None for images without one): what manifests record."""
+        n = self.index_of(image_id)
+        p = self.path(n) if n is not None else None
+        return str(Path(p).resolve()) if p is not None else None
 
     def path(self, i: int) -> Path | None:
         if self.paths is not None:
@@ -189,6 +207,8 @@ def open_source(spec, split: str | None = None, labels=None, classes: Sequence[s
         from wsclip.data import open_dataset
 
         kw = {"masks": False} if layout in ("voc", "coco") else {}
+        if layout == "folder" and classes is not None:
+            kw["classes"] = tuple(classes)  # the labels file's names map onto the model's classes by name
         ds = open_dataset(spec, split=split, **kw)
         own = layout in ("voc", "coco", "synth") or getattr(ds, "labels_file", None) is not None
         src = ImageSource(ids=list(ds.ids), dataset=ds, dataset_labels=own, classes=tuple(ds.classes))
@@ -218,14 +238,32 @@ def open_source(spec, split: str | None = None, labels=None, classes: Sequence[s
 def attach_labels(src: ImageSource, labels=None, classes: Sequence[str] | None = None) -> ImageSource:
     """Check a source against the model's classes and read a labels file (which overrides dataset labels)."""
     if classes is not None and src.dataset_labels and src.classes and tuple(src.classes) != tuple(classes):
-        raise WsclipError(f"the dataset's classes ({', '.join(src.classes)}) differ from the model's "
-                          f"({', '.join(classes)}): use the model trained for this dataset")
+        src.labels, src.dataset_labels = _labels_by_name(src, tuple(classes)), False
     if labels is not None:
         if classes is None:
             raise WsclipError("a labels file needs the model's class list")
         src.labels = read_labels_file(labels, classes, src.ids)
         src.dataset_labels = False
     return src
+
+
+def _labels_by_name(src: ImageSource, classes: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The dataset's image-level labels mapped onto the model's classes by name ({id: (K,) 0/1}); a label
+    whose name the model does not know is an UnknownClassError naming the image."""
+    from wsclip.errors import UnknownClassError
+
+    pos = {c: k for k, c in enumerate(classes)}
+    out = {}
+    for i, image_id in enumerate(src.ids):
+        y = np.zeros(len(classes), np.float32)
+        for k in np.flatnonzero(np.asarray(src.dataset.label_vector(i)) > 0.5):
+            name = src.classes[int(k)]
+            if name not in pos:
+                raise UnknownClassError(f"image '{image_id}' is labelled '{name}', a class the model does not know; "
+                                        f"the model's classes: {', '.join(classes)}")
+            y[pos[name]] = 1.0
+        out[image_id] = y
+    return out
 
 
 def _head(src: ImageSource, n: int) -> ImageSource:
@@ -242,6 +280,11 @@ def _head(src: ImageSource, n: int) -> ImageSource:
         def label_vector(self, i, mask=None):
             return self.dataset.label_vector(self.indices[i])
 
+        @property
+        def _images(self):  # the files of the kept images, as ImageSource.path reads them
+            files = getattr(self.dataset, "_images", None) or getattr(self.dataset, "_files", None)
+            return [files[j] for j in self.indices] if files is not None else None
+
     return ImageSource(ids=src.ids[:n], dataset=_Head(src.dataset, range(n)), dataset_labels=src.dataset_labels,
                        labels=src.labels, classes=src.classes)
 
@@ -251,22 +294,23 @@ class Manifest:
     """Append-only JSON-lines record of finished images (the last record of an id wins).
 
     A run killed mid-line leaves a partial last line: reading drops it and truncates the file to
-    its last complete line, so later appends stay valid JSON lines.
+    its last complete line, so later appends stay valid JSON lines. `repair=False` (readers such as
+    `wsclip review`, which may run beside a labelling run) only drops it.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, repair: bool = True):
         self.path = Path(path)
         self.records: dict[str, dict] = {}
         if self.path.is_file():
-            self._load()
+            self._load(repair)
 
-    def _load(self) -> None:
+    def _load(self, repair: bool = True) -> None:
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
-        if end != len(data):  # partial tail from a killed run
+        if end != len(data) and repair:  # partial tail from a killed run
             with open(self.path, "r+b") as f:
                 f.truncate(end)
-            data = data[:end]
+        data = data[:end]
         for line in data.decode("utf-8", errors="replace").splitlines():
             if not line.strip():
                 continue
@@ -305,6 +349,13 @@ class OutputOptions:
     rle: bool = False
     classes: tuple[str, ...] = ()
     crf: bool = False
+    quality: bool = True              # the quality score (wsclip.label.quality) in each record
+    gt: Path | None = None            # folder of ground-truth <id>.png: per-image IoU in the record
+
+    @property
+    def wants_cams(self) -> bool:
+        """Whether the labeler must return CAMs (written with --cams; the quality score's sharpness)."""
+        return self.cams or self.quality
 
 
 def windows(n: int, size: int) -> list[range]:
@@ -314,13 +365,17 @@ def windows(n: int, size: int) -> list[range]:
     return [range(s, min(n, s + size)) for s in range(0, n, size)]
 
 
-def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions) -> dict:
-    """Refine (CRF) and write one image's outputs atomically; returns its manifest record."""
+def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions, path: str | None = None) -> dict:
+    """Refine (CRF) and write one image's outputs atomically; returns its manifest record.
+
+    `path`: the image's file, recorded for `wsclip review` and the mask exports.
+    """
     from wsclip.io import atomic_write_bytes, encode_mask_png
     from wsclip.serve.labelers import mask_annotations, refine_result
 
     out = Path(opts.out)
     image = host_image(image) if (opts.crf or opts.overlays) and image is not None else None
+    before = result.mask.copy() if opts.crf and result.crf_scores is not None else None
     if opts.crf:
         result = refine_result(image, result)
     mask = result.mask
@@ -346,10 +401,26 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions)
     atomic_write_bytes(out / f"{image_id}.png", encode_mask_png(mask))  # last: its presence marks the image done
     files.insert(0, f"{image_id}.png")
     rec = {"id": image_id, "status": "ok", "size": [int(mask.shape[0]), int(mask.shape[1])],
-           "labels": [int(k) for k in result.keys], "predicted": bool(result.predicted), "files": files}
+           "labels": [opts.classes[int(k)] for k in result.keys], "label_ids": [int(k) + 1 for k in result.keys],
+           "predicted": bool(result.predicted), "files": files}
+    if path is not None:
+        rec["image"] = path
     if opts.rle:
         rec["annotations"] = mask_annotations(mask, opts.classes)
+    if opts.quality:
+        rec["quality"] = image_quality(image_id, mask, result, before, opts)
     return rec
+
+
+def image_quality(image_id: str, mask: np.ndarray, result: LabelResult, before, opts: OutputOptions) -> dict:
+    """The record's "quality" entry; with opts.gt, the IoU against <gt>/<id>.png when that file exists."""
+    from wsclip.io import read_mask
+    from wsclip.label.quality import assess
+
+    gt = None
+    if opts.gt is not None and (Path(opts.gt) / f"{image_id}.png").is_file():
+        gt = read_mask(Path(opts.gt) / f"{image_id}.png")
+    return assess(mask, result.keys, result.cams, before, gt=gt, num_classes=len(opts.classes) + 1)
 
 
 def error_record(image_id: str, message: str) -> dict:
@@ -375,7 +446,10 @@ def load_item(source: ImageSource, i: int, raw_jpeg: bool = False) -> tuple:
     image_id = source.ids[i]
     try:
         if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
-            image = p.read_bytes()
+            from wsclip.io import open_image, plain_jpeg
+
+            image = p.read_bytes()  # for the GPU decoder, unless it needs open_image (CMYK, EXIF, huge, broken)
+            image = image if plain_jpeg(image) else open_image(p)
         else:
             image = source.load(i)
         return i, image_id, image, source.label(i), None
@@ -446,6 +520,7 @@ class LabelRunConfig:
     rle: bool = False
     decode: str = "auto"
     restart: bool = False
+    gt: Path | None = None            # ground-truth masks: per-image IoU in the manifest
     extra: dict = field(default_factory=dict)
 
 
@@ -464,8 +539,11 @@ def _settings(cfg: LabelerConfig, run: LabelRunConfig, window: int, source: Imag
         if lab.get(key):
             lab[key] = {"path": str(lab[key]), "sha256": file_sha256(lab[key]) if Path(lab[key]).is_file() else None}
     lab["scales"] = list(lab["scales"])
-    return {"labeler": lab, "window": window, "cams": run.cams, "overlays": run.overlays, "rle": run.rle,
-            "labels": "given" if source.has_labels else "predicted", "decoder": decoder}
+    out = {"labeler": lab, "window": window, "cams": run.cams, "overlays": run.overlays, "rle": run.rle,
+           "labels": "given" if source.has_labels else "predicted", "decoder": decoder}
+    if run.gt is not None:  # only when given: folders labelled before --gt existed keep resuming
+        out["gt"] = str(Path(run.gt).resolve())
+    return out
 
 
 def _prepare_out(out: Path, settings: dict, restart: bool):
@@ -514,16 +592,21 @@ def _write_reports(out: Path, source: ImageSource, manifest: Manifest, summary: 
                    classes: Sequence[str]) -> None:
     from wsclip.io import atomic_write_json
 
-    errors = [{"id": i, "error": r.get("error", "")} for i, r in manifest.records.items() if r.get("status") == "error"]
-    atomic_write_json(out / "errors.json", errors)
+    from wsclip.io import write_errors
+
+    write_errors(out, [(i, r.get("error", "")) for i, r in manifest.records.items() if r.get("status") == "error"])
     atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / CLASSES_FILE, list(classes))
     if rle:
         images, anns = [], []
         for n, image_id in enumerate(source.ids):
             rec = manifest.records.get(image_id)
             if not rec or rec.get("status") != "ok":
                 continue
-            images.append({"id": n + 1, "file_name": image_id, "height": rec["size"][0], "width": rec["size"][1]})
+            path = source.path(n)
+            file_name = image_id + path.suffix if path is not None else image_id  # the image's file, as COCO means
+            images.append({"id": n + 1, "file_name": file_name, "height": rec["size"][0], "width": rec["size"][1],
+                           **({"wsclip_quality": rec["quality"]["score"]} if rec.get("quality") else {})})
             for a in rec.get("annotations", []):
                 anns.append({"id": len(anns) + 1, "image_id": n + 1, "category_id": a["category_id"],
                              "segmentation": a["segmentation"], "area": a["area"], "bbox": a["bbox"], "iscrowd": 0})
@@ -574,7 +657,9 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
     wins = [w for w in windows(len(source), window) if any(source.ids[i] not in done for i in w)]
     todo = sum(1 for w in wins for i in w if source.ids[i] not in done)
     opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=labeler.classes,
-                         crf=labeler.refine == "crf")
+                         crf=labeler.refine == "crf", gt=run.gt)
+    if run.gt is not None and not Path(run.gt).is_dir():
+        raise MissingFileError(f"ground-truth folder not found: {run.gt} (give a folder of <id>.png masks)")
     gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
     loader = torch.utils.data.DataLoader(
@@ -617,7 +702,7 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
             items = [next(it) for _ in w]
             if gpu_jpeg:
                 items = gpu_decode(items, labeler.device)
-            labelled, errs = label_window(labeler, items, run.cams)
+            labelled, errs = label_window(labeler, items, opts.wants_cams)
             for rec in errs:
                 if rec["id"] not in done:
                     pending.append((rec["id"], rec))
@@ -627,11 +712,12 @@ def _run(labeler, source, run, out, window, progress, on_image) -> dict:
                 image = host_image(image) if opts.crf or opts.overlays else None  # only these need the pixels
                 if pool is None:
                     try:
-                        pending.append((image_id, finish_image(image_id, image, result, opts)))
+                        pending.append((image_id, finish_image(image_id, image, result, opts, source.file_of(image_id))))
                     except (WsclipError, OSError) as exc:
                         pending.append((image_id, error_record(image_id, str(exc))))
                 else:
-                    pending.append((image_id, pool.submit(finish_image, image_id, image, result, opts)))
+                    pending.append((image_id, pool.submit(finish_image, image_id, image, result, opts,
+                                                          source.file_of(image_id))))
             settle(keep=limit)
             if failure and run.on_error == "fail":
                 break

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import BadFileError, CheckpointError, ShapeError, WsclipError
+from wsclip.runtime import precision
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
 
 METHODS = ("auto", "cam", "seg", "clip-es")
@@ -351,9 +352,7 @@ class CamNetLabeler(Labeler):
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
-                   else torch.autocast(self.device.type, enabled=False))
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), precision(self.device, self.cfg.amp):
                 cams, _ = self.module(x, None)
         finally:
             if hook is not None:
@@ -424,9 +423,7 @@ class SegNetLabeler(Labeler):
         if self.module is None:
             probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
         else:
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and self.device.type == "cuda"
-                   else torch.autocast(self.device.type, enabled=False))
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), precision(self.device, self.cfg.amp):
                 probs, _ = self.module(x)
             probs = probs.float()
         allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
@@ -540,8 +537,13 @@ def detect_method(model) -> str:
             raise BadFileError(f"{side} is not valid JSON: {exc}") from None
     names = {"camnet": "cam", "seg": "seg"}
     if kind not in names:
-        raise CheckpointError(f"{path} is a '{kind}' model; `wsclip label` takes a CAM network or a segmentation "
-                              "network (checkpoint, .onnx or TensorRT engine), or --method clip-es --clip FILE")
+        from wsclip.io import describe_file
+
+        what = f"an exported '{kind}' model" if path.suffix == ".onnx" or path.suffix in ENGINE_SUFFIXES \
+            else describe_file(path)
+        raise CheckpointError(f"{path} is {what}; `wsclip label` and `wsclip serve` take a CAM network or a "
+                              "segmentation network (checkpoint .safetensors with its .json sidecar, .onnx or "
+                              "TensorRT engine), or --method clip-es --clip FILE")
     return names[kind]
 
 

@@ -41,9 +41,10 @@ class WindowLabeler:
         for start, stop, skip in zip(batch["start"], batch["stop"], batch["skip"]):
             skip = set(json.loads(str(skip)))
             items = list(self.pool.map(lambda i: load_item(self.source, i), range(int(start), int(stop))))
-            labelled, errs = label_window(self.labeler, items, self.opts.cams)
+            labelled, errs = label_window(self.labeler, items, self.opts.wants_cams)
             records += [r for r in errs if r["id"] not in skip]
-            futs = [(i, self.pool.submit(finish_image, i, im, r, self.opts)) for i, im, r in labelled if i not in skip]
+            futs = [(i, self.pool.submit(finish_image, i, im, r, self.opts, self.source.file_of(i)))
+                    for i, im, r in labelled if i not in skip]
             del items, labelled
             for image_id, fut in futs:
                 try:
@@ -113,7 +114,7 @@ def label_images_ray(labeler_cfg: LabelerConfig, inputs, run: LabelRunConfig, sp
                 rows.append({"start": w.start, "stop": w.stop, "skip": json.dumps([i for i in ids if i in done])})
         todo = sum(len(range(r["start"], r["stop"])) - len(json.loads(r["skip"])) for r in rows)
         opts = OutputOptions(out=out, cams=run.cams, overlays=run.overlays, rle=run.rle, classes=probe.classes,
-                             crf=probe.refine == "crf")
+                             crf=probe.refine == "crf", gt=run.gt)
         if rows and not ray.is_initialized():
             ray.init(address=address, num_cpus=num_cpus if address is None else None, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)

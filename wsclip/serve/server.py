@@ -8,12 +8,18 @@
     POST /v1/label/batch    multipart: several `images` files, optional `labels` (a JSON list, one entry
                             per image), format png|rle -> JSON results (PNG as base64), one status each
     GET  /health/live       200 while the process runs
-    GET  /health/ready      200 once the model is loaded and warmed up; 503 while loading or draining
+    GET  /health/ready      200 once the model is loaded and warmed up; 503 while loading, draining, or
+                            busy (open requests at the connection cap, or the queue full)
     GET  /metrics           Prometheus text format
     GET  /openapi.json, /docs
 
+Without a token the server listens on loopback only (a non-loopback --host without one is refused);
+with a token, /v1/* and /metrics need `Authorization: Bearer <token>` (compared in constant time),
+/health/* never does (orchestrators probe it).
+
 Errors: 400 undecodable/truncated/empty image, 401 missing or wrong bearer token (when a token is
-set), 408 body not received in time, 413 body or image pixels over the limits (decompression
+set), 408 body not received within read_timeout_s, 413 a declared Content-Length over the limit
+(answered at once) or body or image pixels over the limits (decompression
 bombs included: the pixel count is checked from the header before decoding), 415 a content type
 that is not an image, 422 bad options, 429 queue full and 503 not ready / draining (both with
 Retry-After), 504 no result within the request timeout. Requests go through a `DynamicBatcher`;
@@ -27,7 +33,6 @@ stops accepting, marks the server not ready, finishes in-flight requests, then e
 import asyncio
 import base64
 import hmac
-import io
 import json
 import logging
 import socket
@@ -45,7 +50,9 @@ log = logging.getLogger("wsclip.serve")
 
 FORMATS = ("png", "rle")
 ACCEPTED_TYPES = ("image/", "application/octet-stream")
-PROTECTED_PREFIXES = ("/v1/", "/metrics")
+PROTECTED_PREFIXES = ("/v1/", "/metrics", "/review/api/")  # with a token, /metrics needs it too; /health/* never does
+DRAIN_TIMEOUT_S = 1.0  # longest wait for the rest of a body already refused with 413
+LOOPBACK_NAMES = ("localhost",)
 
 
 @dataclass
@@ -68,6 +75,7 @@ class ServeConfig:
     graceful_timeout_s: int = 30
     max_connections: int | None = None   # open requests at once (default: 2 * max_queue + 32)
     exit_on_load_failure: bool = True    # a server whose model cannot load exits (else: stays up, not ready)
+    review: str | None = None            # a labelled folder whose review page is mounted under /review
 
 
 class ApiError(Exception):
@@ -80,29 +88,19 @@ class ApiError(Exception):
 
 # ============================================================================ image decoding
 def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of uploaded bytes: ApiError 400 (not an image, truncated, empty) or 413 (too many pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from wsclip.errors import BadFileError
-    from wsclip.io import decode_image_bytes
+    """RGB uint8 (H, W, 3) of uploaded bytes (wsclip.io.open_image): ApiError 413 when the header declares
+    more than max_pixels (checked before decoding), 400 for anything else that is not a decodable image."""
+    from wsclip.errors import BadFileError, ImageTooLargeError
+    from wsclip.io import open_image
 
     if not data:
         raise ApiError(400, "empty request body: send the image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Image.DecompressionBombError as exc:
-        raise ApiError(413, f"image dimensions too large ({exc})") from None
-    except UnidentifiedImageError:
-        raise ApiError(400, "not an image format the server can decode (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ApiError(400, f"not a decodable image: {exc}") from None
-    if w * h > max_pixels:
-        raise ApiError(413, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")
-    try:
-        return decode_image_bytes(data, max_pixels=max_pixels)
+        return open_image(data, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, str(exc)) from None
     except BadFileError as exc:
-        raise ApiError(400, str(exc)) from None
+        raise ApiError(400, f"{exc} (JPEG, PNG, WebP, BMP, TIFF, GIF)") from None
 
 
 def parse_labels(text, classes: Sequence[str]) -> np.ndarray | None:
@@ -163,8 +161,8 @@ class Metrics:
         g.set_function(lambda: svc.batcher.depth if svc.batcher is not None else 0)
         g = Gauge("wsclip_images_per_second", "images labelled per second over the last 10 s", registry=r)
         g.set_function(svc.images_per_second)
-        g = Gauge("wsclip_ready", "1 when the model is loaded, warmed up and not draining", registry=r)
-        g.set_function(lambda: float(svc.ready))
+        g = Gauge("wsclip_ready", "1 when the model is loaded, warmed up, not draining and not busy", registry=r)
+        g.set_function(lambda: float(svc.ready and svc.busy is None))
         self.gpu = Gauge("wsclip_gpu_memory_bytes", "GPU memory of this process (CUDA only)", ["kind"], registry=r)
         for kind in ("allocated", "reserved"):
             self.gpu.labels(kind).set_function(lambda kind=kind: svc.gpu_memory(kind))
@@ -182,6 +180,7 @@ class Service:
         self.draining = False
         self.error: str | None = None
         self.on_fatal = None
+        self.open_requests = 0  # label requests in progress (the guard counts them against connection_cap)
         self._done: deque[tuple[float, int]] = deque()
         self._lock = threading.Lock()
         self.metrics = Metrics(self)
@@ -189,6 +188,15 @@ class Service:
     @property
     def ready(self) -> bool:
         return self.loaded and not self.draining and self.error is None
+
+    @property
+    def busy(self) -> str | None:
+        """Why the server cannot take more work now (connections or queue full), else None."""
+        if self.open_requests >= connection_cap(self.cfg):
+            return f"{self.open_requests} requests open, the limit is {connection_cap(self.cfg)}"
+        if self.batcher is not None and self.batcher.depth >= self.cfg.max_queue:
+            return f"{self.batcher.depth} requests queued, the limit is {self.cfg.max_queue}"
+        return None
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -304,7 +312,6 @@ class _Guard:
         self.app, self.svc = app, svc
         self.routes = {"/v1/label": "label", "/v1/label/batch": "batch", "/metrics": "metrics",
                        "/health/live": "live", "/health/ready": "ready"}
-        self.open = 0  # requests in progress that count against max_connections
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -315,7 +322,7 @@ class _Guard:
         started = {"v": False}
         counted = endpoint not in ("metrics", "live", "ready")
         if counted:
-            self.open += 1
+            self.svc.open_requests += 1
 
         async def send_wrapped(msg):
             if msg["type"] == "http.response.start":
@@ -326,12 +333,16 @@ class _Guard:
         try:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
             err = self._precheck(scope.get("path", ""), headers)
-            if err is None and counted and self.open > connection_cap(self.svc.cfg):
+            if err is None and counted and self.svc.open_requests > connection_cap(self.svc.cfg):
                 err = ApiError(503, "too many open requests; retry later",
                                {"Retry-After": str(self.svc.cfg.retry_after_s), "Connection": "close"})
             if err is not None:
-                if err.status == 413:
-                    await _drain(receive, 4 * self.svc.cfg.max_body_bytes)
+                if err.status == 413:  # bounded in bytes and time: a client that declares 10^12 bytes and
+                    try:               # stalls gets its 413 at once, not never
+                        await asyncio.wait_for(_drain(receive, self.svc.cfg.max_body_bytes),
+                                               min(DRAIN_TIMEOUT_S, self.svc.cfg.read_timeout_s))
+                    except asyncio.TimeoutError:
+                        pass
                 return await _send_error(send_wrapped, err)
             limit, total = self.svc.cfg.max_body_bytes, 0
 
@@ -359,19 +370,14 @@ class _Guard:
                 await _send_error(send_wrapped, ApiError(500, f"internal error: {type(exc).__name__}"))
         finally:
             if counted:
-                self.open -= 1
+                self.svc.open_requests -= 1
             m = self.svc.metrics
             m.requests.labels(endpoint, str(status["code"])).inc()
             m.latency.labels(endpoint).observe(time.perf_counter() - t0)
 
     def _precheck(self, path: str, headers: dict) -> ApiError | None:
-        token = self.svc.cfg.token
-        if token and path.startswith(PROTECTED_PREFIXES):
-            auth = headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-                return ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                                {"WWW-Authenticate": "Bearer"})
+        if (err := token_error(self.svc.cfg.token, path, headers)) is not None:
+            return err
         cl = headers.get("content-length")
         if cl is not None:
             try:
@@ -382,6 +388,17 @@ class _Guard:
                 return ApiError(413, f"request body of {n} bytes is above the limit of {self.svc.cfg.max_body_bytes}",
                                 {"Connection": "close"})
         return None
+
+
+def token_error(token: str | None, path: str, headers: dict) -> ApiError | None:
+    """The 401 for a protected path without the bearer token (None when allowed); the rule of every wsclip server."""
+    if token and path.startswith(PROTECTED_PREFIXES):
+        auth = headers.get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+            return ApiError(401, "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                            {"WWW-Authenticate": "Bearer"})
+    return None
 
 
 async def _drain(receive, cap: int) -> None:
@@ -473,7 +490,8 @@ def create_app(labeler, cfg: ServeConfig | None = None):
         try:
             return await asyncio.wait_for(request.body(), cfg.read_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"request body not received within {cfg.read_timeout_s:g} s") from None
+            raise ApiError(408, f"request body not received within {cfg.read_timeout_s:g} s",
+                           {"Connection": "close"}) from None
 
     async def read_form(request: Request, max_files: int):
         from starlette.exceptions import HTTPException  # what Request.form raises (FastAPI's is a subclass)
@@ -481,7 +499,8 @@ def create_app(labeler, cfg: ServeConfig | None = None):
         try:
             return await asyncio.wait_for(request.form(max_files=max_files, max_fields=16), cfg.read_timeout_s)
         except asyncio.TimeoutError:
-            raise ApiError(408, f"request body not received within {cfg.read_timeout_s:g} s") from None
+            raise ApiError(408, f"request body not received within {cfg.read_timeout_s:g} s",
+                           {"Connection": "close"}) from None
         except HTTPException as exc:  # Starlette's multipart parser stops at max_files with a 400
             if exc.status_code == 400 and "too many files" in str(exc.detail).lower():
                 raise ApiError(413, f"more than {max_files} images in one request; send at most {max_files}") from None
@@ -588,8 +607,12 @@ def create_app(labeler, cfg: ServeConfig | None = None):
 
     @app.get("/health/ready", summary="Readiness: model loaded and warmed up")
     async def ready():
-        if svc.ready:
+        busy = svc.busy if svc.ready else None
+        if svc.ready and busy is None:
             return {"status": "ready", **svc.labeler.describe(), "queue_depth": svc.batcher.depth}
+        if busy is not None:  # cannot take work now: a load balancer should send it elsewhere
+            return JSONResponse({"status": "busy", "reason": busy}, status_code=503,
+                                headers={"Retry-After": str(cfg.retry_after_s)})
         state = "draining" if svc.draining else ("failed" if svc.error else "loading")
         body = {"status": state, **({"error": svc.error} if svc.error else {})}
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(cfg.retry_after_s)})
@@ -600,12 +623,33 @@ def create_app(labeler, cfg: ServeConfig | None = None):
 
         return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if cfg.review is not None:
+        from wsclip.serve.folder import LabeledFolder
+        from wsclip.serve.review import review_app
+
+        app.mount("/review", review_app(LabeledFolder(cfg.review)))
     guarded = _Guard(app, svc)
     guarded.state = app.state  # type: ignore[attr-defined] - tests and run helpers reach the service here
     return guarded
 
 
 # ============================================================================ running
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse to listen beyond loopback without a token: anyone who could reach the port could use it."""
+    import ipaddress
+
+    host = cfg.host.strip("[]")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host.lower() in LOOPBACK_NAMES
+    if not loopback and not cfg.token:
+        raise WsclipError(
+            f"refusing to listen on {cfg.host} without a token: anyone who can reach it could use the server. "
+            "Set one with --token-file FILE or WSCLIP_SERVE_TOKEN (e.g. python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'), or keep the default --host 127.0.0.1")
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket (port 0 picks a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -655,6 +699,7 @@ class BackgroundServer:
 
     def __init__(self, app, cfg: ServeConfig | None = None, wait_ready: float | None = 60.0):
         self.cfg = cfg or ServeConfig(port=0)
+        check_exposure(self.cfg)
         self.sock = bind_socket(self.cfg.host, self.cfg.port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{self.cfg.host}:{self.port}"
@@ -693,8 +738,7 @@ class BackgroundServer:
 def serve(labeler_cfg, cfg: ServeConfig, log_level: str = "info") -> int:
     """Run the server in the foreground until SIGTERM/SIGINT; returns the exit code."""
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(asctime)s %(name)s %(message)s")
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.token:
-        log.warning("listening on %s without --token: anyone who can reach this address can use the server", cfg.host)
+    check_exposure(cfg)
     app = create_app(labeler_cfg, cfg)
     sock = bind_socket(cfg.host, cfg.port)
     port = sock.getsockname()[1]

@@ -6,6 +6,7 @@ the checkpoint CLIMS starts from (<out>/camnet.safetensors).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -58,18 +59,38 @@ def trainer_kwargs(cfg: TrainConfig) -> dict:
     )
 
 
+SCRATCH_LR = 0.01
+
+
+def scratch_settings(cfg: CamConfig, announce: bool = True) -> CamConfig:
+    """Settings that train a resnet backbone from random weights (no --pretrained): the papers' frozen
+    BatchNorm and lr 0.1 assume ImageNet statistics and diverge within a few steps from random ones.
+    With from_scratch='auto' BatchNorm trains and lr is capped at SCRATCH_LR; the change is printed."""
+    if cfg.pretrained or cfg.backbone.startswith("tiny"):  # no ImageNet weights for the tiny ones; presets start random
+        return cfg
+    if cfg.from_scratch == "as-given":
+        if announce:
+            print(f"note: the {cfg.backbone} backbone starts from random weights with the settings as given "
+                  f"(lr {cfg.lr:g}, {'frozen' if cfg.freeze_bn else 'trainable'} BatchNorm)", file=sys.stderr)
+        return cfg
+    new = dataclasses.replace(cfg, freeze_bn=False, lr=min(cfg.lr, SCRATCH_LR))
+    if announce:
+        print(f"note: no --pretrained: the {cfg.backbone} backbone starts from random weights, so BatchNorm trains "
+              f"and lr is {new.lr:g} (was {cfg.lr:g}{', frozen BatchNorm' if cfg.freeze_bn else ''}). The papers "
+              "start from ImageNet: pass --pretrained FILE (a torchvision state dict) for their settings, or "
+              "--from-scratch as-given to keep yours", file=sys.stderr)
+    return new
+
+
 def train_cam(cfg: CamConfig, resume: bool = False, dataset=None, callbacks: Iterable = ()) -> Path:
     """Train the baseline CAM network; returns the path of the final checkpoint."""
     from wsclip.models.camnet import build_camnet, save_camnet
     from wsclip.train.loop import Trainer, rank, seed_everything
 
-    cfg.validate()
+    cfg = scratch_settings(cfg.validate(), announce=rank() == 0)
     ds = dataset if dataset is not None else open_train_dataset(cfg)
     seed_everything(cfg.seed)
     net = build_camnet(cfg.backbone, len(ds.classes), cfg.pretrained)
-    if not cfg.pretrained and not cfg.backbone.startswith("tiny") and rank() == 0:
-        print(f"note: the {cfg.backbone} backbone starts from random weights; the papers start from ImageNet: "
-              "pass --pretrained FILE (a torchvision state dict)", file=sys.stderr)
     if cfg.freeze_bn:
         net.freeze_bn()
     back, head = net.param_groups()

@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from wsclip.errors import CheckpointError, WsclipError
+from wsclip.runtime import precision
 
 StepFn = Callable[[nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
 CKPT_DIR = "checkpoints"
@@ -515,7 +516,7 @@ class Trainer:
 
         bar = progress(total=self.max_steps, initial=self.step, desc=self.desc, unit="step") if self.is_main else None
         log = open(self.out_dir / LOG_FILE, "a") if self.is_main else None
-        autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.amp else contextlib.nullcontext
+        autocast = lambda: precision(self.device, self.amp, train=True)  # noqa: E731
         ddp = self.model is not self.module
         t0 = time.time()
         self.model.train()
