@@ -41,7 +41,7 @@ def test_clims_presets_match_methods():
         assert (c.momentum, c.weight_decay, c.poly_power, c.crop, c.resize_long) == (0.9, 1e-4, 0.9, 512, (320, 640))
     cam = from_preset(CamConfig, "voc-official")
     assert (cam.lr, cam.batch_size, cam.epochs, cam.freeze_bn) == (0.1, 16, 5, True)
-    assert from_preset(ClimsConfig, "synth").backbone == "tiny"
+    assert from_preset(ClimsConfig, "synth").backbone == "tiny-s8"
     with pytest.raises(WsclipError, match="unknown preset"):
         from_preset(ClimsConfig, "voc")
 

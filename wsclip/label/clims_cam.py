@@ -64,7 +64,7 @@ def multiscale_cam(net, inputs: Sequence[torch.Tensor], hw, keys: torch.Tensor, 
     device = next(net.parameters()).device
     keys = keys.to(device)
     h4 = strided_size(hw, 4)
-    up = strided_up_size(hw, 16)
+    up = strided_up_size(hw, getattr(net, "stride", 16))  # the maps' own grid, cropped to the image
     low = torch.zeros(len(keys), *h4, device=device)
     high = torch.zeros(len(keys), *hw, device=device)
     if len(keys) == 0:

@@ -208,6 +208,8 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     bg_text = clip.encode_text([cfg.template.format(w) for w in background]).to(device)
     objective = ClimsObjective(clip, fg_text, bg_text, cfg, word_mask)
 
+    if cfg.freeze_bn:
+        net.freeze_bn()
     back, head = net.param_groups()
     trainer = Trainer(
         net, objective, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
