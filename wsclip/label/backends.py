@@ -60,9 +60,9 @@ class Variant:
         self._fn = torch.compile(module) if name == "compile" else module
 
     def autocast(self):
-        if self.name == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        from wsclip.runtime import autocast_to
+
+        return autocast_to(self.device, torch.bfloat16 if self.name == "bf16" else None)
 
     def __call__(self, x: torch.Tensor, *args, eager: bool = False):
         """Run the module; `eager` bypasses torch.compile (e.g. when forward hooks must fire)."""

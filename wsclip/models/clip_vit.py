@@ -170,8 +170,9 @@ def vit_forward(visual, pixels: torch.Tensor, attn_layers=None, attn_mean: bool 
             maps[-1] = amap.float()
 
     dtype = visual.conv1.weight.dtype
-    low = (torch.autocast(pixels.device.type, dtype=frozen_dtype) if frozen_dtype is not None
-           else torch.autocast(pixels.device.type, enabled=False))
+    from wsclip.runtime import autocast_to
+
+    low = autocast_to(pixels.device, frozen_dtype)
     with torch.no_grad():
         with low:
             x, grid = embed_patches(visual, pixels.to(dtype))
