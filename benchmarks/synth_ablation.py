@@ -59,6 +59,7 @@ def markdown(runs: dict[int, dict], command: str, machine: str) -> str:
              f"Command: `{command}` ({machine}; total {sum(r['seconds']['total'] for r in runs.values()) / 60:.0f} min "
              f"for {len(seeds)} seed{'s' if len(seeds) > 1 else ''}).", "",
              f"World: {s['n_train']} train / {s['n_val']} val scenes, {s['size']} px, 6 classes on 5 backgrounds; "
+             "CAM network: the synth preset's tiny ResNet at output stride 8 (`tiny-s8`); "
              f"tiny CLIPs: ResNet {s['clip_steps']} steps for CLIMS, ViT {s.get('clip_es_steps', '-')} steps for CLIP-ES "
              f"(batch {s['clip_batch']}); baseline CAM {s['cam_steps']} steps; "
              f"each CLIMS variant {s['clims_steps']} steps from the baseline (weights alpha, beta, gamma, delta = "
@@ -69,6 +70,14 @@ def markdown(runs: dict[int, dict], command: str, machine: str) -> str:
     for name, d in rows.items():
         lines.append(f"| {name} | {cell(d['cam_miou'])} | {cell(d['mask_miou'])} | {d['refinement']} | "
                      f"{cell(d['co_bg_fa'])} |")
+    lines += ["", effects_markdown(runs)]
+    irn = first.get("irn_thresholds_from_train")
+    if irn:
+        lines += ["", f"IRN thresholds chosen on train (first {s.get('threshold_images', '-')} / "
+                  f"{s.get('rw_images', '-')} train images, never val): best train CAM threshold "
+                  f"{irn['train_cam_threshold']:.2f} (train CAM mIoU {100 * irn['train_cam_miou']:.1f}) -> seeds fg "
+                  f"{irn['fg_threshold']:.2f} / bg {irn['bg_threshold']:.2f}; random-walk background threshold "
+                  f"{irn['rw_bg_threshold']:.2f}."]
     zs = first.get("tiny_clip_zero_shot") or {}
     lines += ["", "CAM mIoU: best constant background threshold of 0.05..0.95 on val. Pseudo masks: CLIMS/baseline "
               "CAMs with that threshold, CLIP-ES with (1 - max) background, then the listed refinement. co-bg FA: "
@@ -80,6 +89,24 @@ def markdown(runs: dict[int, dict], command: str, machine: str) -> str:
         lines += ["", zero_shot_text(zs if "top1_in_labels" not in zs else {"": zs})]
     lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def effects_markdown(runs: dict[int, dict]) -> str:
+    """The papers' effects (wsclip.demo.EFFECTS) per training seed, and whether each one's sign holds on all."""
+    seeds = sorted(runs)
+    per = {seed: {e["effect"]: e for e in runs[seed].get("effects") or []} for seed in seeds}
+    names = [e["effect"] for e in runs[seeds[0]].get("effects") or []]
+    head = ("| effect (the papers' claim) | target | " + " | ".join(f"seed {s}" for s in seeds)
+            + " | sign on every seed |")
+    lines = [head, "|---|---:|" + "---:|" * len(seeds) + "---|"]
+    for name in names:
+        es = [per[s].get(name) for s in seeds]
+        t = es[0]["target"]
+        target = f">= +{100 * t:.0f}" if t > 0 else "> 0"
+        vals = " | ".join("-" if e is None else f"{100 * e['value']:+.1f}" for e in es)
+        stable = all(e is not None and e["value"] > 0 for e in es)
+        lines.append(f"| {name} | {target} | {vals} | {'yes' if stable else 'no'} |")
+    return "\n".join(lines)
 
 
 def write_section(path: Path, section: str) -> None:

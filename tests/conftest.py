@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WSCLIP_NO_PROGRESS", "1")
+if "WSCLIP_CACHE" not in os.environ:  # `--backend auto` remembers its choices there: not in the user's cache
+    import tempfile
+
+    os.environ["WSCLIP_CACHE"] = tempfile.mkdtemp(prefix="wsclip-test-cache-")
 
 from pathlib import Path  # noqa: E402
 
@@ -57,4 +61,26 @@ def voc_camnet(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("voc_camnet") / "camnet.safetensors"
     save_camnet(path, build_camnet("tiny", len(VOC_CLASSES)), VOC_CLASSES)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_clip(tmp_path_factory) -> Path:
+    """A tiny random open_clip ViT CLIP (patch 8, 3 blocks) saved as safetensors + sidecar."""
+    import torch
+    from open_clip.model import CLIP
+
+    from wsclip.models.clip import ClipModel, save_clip
+
+    text = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    cfg = {"embed_dim": 16, "quick_gelu": True, "text_cfg": text,
+           "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "patch_size": 8, "head_width": 16}}
+    torch.manual_seed(0)
+    model = CLIP(**cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    path = tmp_path_factory.mktemp("tiny_vit_clip") / "clip.safetensors"
+    save_clip(path, ClipModel(model, "tiny-vit", cfg), cfg, "tiny-vit")
     return path

@@ -88,10 +88,11 @@ def test_label_and_serve_take_every_clip_es_option_cam_takes():
         missing = cam_flags - {s for a in jobs[job]._actions for s in a.option_strings}
         assert not missing, (job, missing)
     argv = ["--method", "clip-es", "--clip", "c.pt", "--no-caa", "--box-threshold", "0.6", "--template", "a {}.",
-            "--pooling", "mean", "--caa-layers", "3", "--box-compat", "--backend", "torch", "--precision", "bf16",
-            "--logit-scale", "50"]
+            "--pooling", "mean", "--caa-layers", "3", "--box-compat", "--caa-backend", "torch", "--precision", "bf16",
+            "--logit-scale", "50", "--compute", "bf16"]
     want = {"caa": False, "box_threshold": 0.6, "template": "a {}.", "pooling": "mean", "caa_layers": 3,
-            "box_compat": True, "backend": "torch", "logit_scale": 50.0}
+            "box_compat": True, "caa_backend": "torch", "logit_scale": 50.0,
+            "compute": "bf16"}
     cam = parser.parse_args(["cam", "--data", "d", "--out", "o", *argv])
     assert _clip_es_options(cam) == want
     for job in ("label", "serve"):

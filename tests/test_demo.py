@@ -91,8 +91,8 @@ def _far(mask, margin):
 def test_loss_weights_switch_terms_off():
     cfg = DemoConfig()
     assert loss_weights(cfg, "OTM") == {"alpha": 10.0, "beta": 0.0, "gamma": 0.0, "delta": 0.0}
-    assert loss_weights(cfg, "OTM+BTM+REG") == {"alpha": 10.0, "beta": 24.0, "gamma": 0.0, "delta": 0.2}
-    assert loss_weights(cfg, "OTM+BTM+REG+CBS") == {"alpha": 10.0, "beta": 24.0, "gamma": 1.0, "delta": 0.2}
+    assert loss_weights(cfg, "OTM+BTM+REG") == {"alpha": 10.0, "beta": 24.0, "gamma": 0.0, "delta": 1.15}
+    assert loss_weights(cfg, "OTM+BTM+REG+CBS") == {"alpha": 10.0, "beta": 24.0, "gamma": 1.0, "delta": 1.15}
     assert list(VARIANTS) == ["OTM", "OTM+BTM", "OTM+BTM+REG", "OTM+BTM+REG+CBS"]
     with pytest.raises(WsclipError, match="unknown CLIMS variant"):
         loss_weights(cfg, "OTM+XYZ")
@@ -122,3 +122,26 @@ def test_output_folder_guard(tmp_path):
     (out / "old.txt").write_text("x")
     _check_out(DemoConfig(out=str(out), cam_steps=7), fresh=True)
     assert not (out / "old.txt").exists()
+
+
+def test_effects_are_differences_of_the_named_rows_against_their_targets():
+    from wsclip.demo import EFFECTS, effects, format_effects
+
+    rows = {"untrained": {"cam_miou": 0.20}, "baseline CAM": {"cam_miou": 0.12},
+            "CLIMS OTM": {"cam_miou": 0.25}, "CLIMS OTM+BTM": {"cam_miou": 0.24},
+            "CLIMS OTM+BTM+REG": {"cam_miou": 0.3, "co_bg_fa": 0.40},
+            "CLIMS OTM+BTM+REG+CBS": {"cam_miou": 0.35, "co_bg_fa": 0.10},
+            "CLIMS OTM+BTM+REG+CBS + RW": {"mask_miou": 0.45},
+            "CLIP-ES GradCAM": {"mask_miou": 0.20}, "CLIP-ES + CAA": {"mask_miou": 0.21}}
+    got = {e["effect"]: e for e in effects(rows)}
+    assert len(got) == len(EFFECTS) - 1  # no "+ CAA + CRF" row: that effect is left out, not invented
+    first = got["CLIMS (all terms) over the untrained network, CAM mIoU"]
+    assert first["value"] == pytest.approx(0.15) and first["met"]
+    assert got["CLIMS (all terms) over the baseline CAM, CAM mIoU"]["value"] == pytest.approx(0.23)
+    assert not got["OTM+BTM over OTM alone, CAM mIoU"]["met"]  # -0.01
+    assert got["CBS lowers the co-occurring-background FA (OTM+BTM+REG -> +CBS)"]["value"] == pytest.approx(0.30)
+    assert not got["CLIP-ES: CAA over GradCAM, pseudo-mask mIoU"]["met"]  # +1 point, target +2
+    rw = got["IRN random walk over the CAMs it starts from (pseudo-mask vs CAM mIoU)"]
+    assert rw["value"] == pytest.approx(0.10) and rw["met"]
+    text = format_effects(effects(rows))
+    assert "| OTM+BTM over OTM alone, CAM mIoU | -1.0 | > 0 | no |" in text

@@ -7,9 +7,6 @@ command works, not the quality."""
 import json
 import os
 import stat
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -19,6 +16,7 @@ from PIL import Image
 
 from wsclip.cli import main
 from wsclip.vocab import VOC_CLASSES
+from cli_server import start_cli_server
 
 TINY_CLIP_CFG = {
     "embed_dim": 32,
@@ -98,18 +96,8 @@ def test_the_whole_user_path_on_a_folder_with_a_labels_file(user, capsys, monkey
                  next((user / "labelled").glob("*.png")), user / "labelled" / "annotations.json"]:
         assert _mode(path) == 0o666 & ~umask, (path, oct(_mode(path)))
 
-    env = {**os.environ, "WSCLIP_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "wsclip.cli", "serve", "--model", str(model), "--port", "0",
-                             "--device", "cpu", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, url = start_cli_server("--model", str(model))
     try:
-        line = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
-        url = line.split("listening on ")[1].split()[0]
-        t_end = time.monotonic() + 120
-        while httpx.get(f"{url}/health/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < t_end and proc.poll() is None
-            time.sleep(0.2)
         photo = sorted((user / "photos").glob("*.jpg"))[0]
         r = httpx.post(f"{url}/v1/label?labels={given[photo.stem][0]}&format=rle", content=photo.read_bytes(),
                        headers={"Content-Type": "image/jpeg"}, timeout=60)

@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         deploy._add_export_trt,
         serving._add_export_masks,
         serving._add_label,
+        serving._add_profile,
         serving._add_serve,
         serving._add_review,
         maps._add_pseudo,

@@ -37,6 +37,9 @@ SETTINGS: dict[str, tuple[Any, Any]] = {
     # CLIP activation when the file cannot tell (fp32 state dict, no sidecar): the public code loads every
     # checkpoint with OpenAI's `clip` package, which always builds QuickGELU
     "clip_act_fallback": ("gelu", "quick_gelu"),
+    # CLIP-ES frozen ViT blocks: wsclip may run them in bf16 where the CPU does it natively and the maps
+    # match fp32 (compute="auto"); the public code runs fp32 throughout
+    "compute": ("auto", "fp32"),
     # evaluation of predicted 255: CLIMS/IRN evaluation maps it to background; wsclip does the same by default
     "pred_ignore": ("background", "background"),
 }

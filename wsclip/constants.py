@@ -13,6 +13,7 @@ CAM_SCALES = (1.0, 0.5, 1.5, 2.0)
 CAM_BG_THRESHOLD = 0.15
 CAM_EPS = 1e-5
 CAM_STRIDE = 4  # the low-resolution "cam" maps of a CAM file are at stride 4
+CAM_NET_STRIDE = 16  # output stride of the papers' CAM network (CAMNet.stride tells each backbone's)
 
 # Label masks.
 IGNORE_INDEX = 255

@@ -71,6 +71,13 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def cache_dir() -> Path:
+    """wsclip's cache folder: $WSCLIP_CACHE, else $XDG_CACHE_HOME/wsclip, else ~/.cache/wsclip."""
+    if os.environ.get("WSCLIP_CACHE"):
+        return Path(os.environ["WSCLIP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsclip"
+
+
 # ----------------------------------------------------------------------------- per-item errors
 ERRORS_FILE = "errors.json"
 

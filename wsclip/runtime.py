@@ -61,12 +61,18 @@ def tf32_enabled() -> tuple[bool, bool]:
     return (m if isinstance(m, bool) else m == "tf32"), (c if isinstance(c, bool) else c == "tf32")
 
 
+def autocast_to(device, dtype: torch.dtype | None = None):
+    """Autocast to `dtype` on `device`, or autocast explicitly off when `dtype` is None. The one place
+    autocast is entered: the labelers' bf16 variants and CLIP-ES's bf16 frozen blocks use it too."""
+    kind = torch.device(device).type
+    kind = kind if kind in ("cuda", "cpu") else "cpu"
+    return torch.autocast(kind, dtype=dtype) if dtype is not None else torch.autocast(kind, enabled=False)
+
+
 def autocast(device, amp: bool = False):
     """bf16 autocast on CUDA when `amp`; autocast explicitly off otherwise (and always on the CPU)."""
     dev = torch.device(device)
-    if amp and dev.type == "cuda":
-        return torch.autocast("cuda", dtype=AMP_DTYPE)
-    return torch.autocast(dev.type if dev.type in ("cuda", "cpu") else "cpu", enabled=False)
+    return autocast_to(dev, AMP_DTYPE if amp and dev.type == "cuda" else None)
 
 
 @contextlib.contextmanager

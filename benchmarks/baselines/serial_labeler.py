@@ -1,8 +1,9 @@
 """The usual serial labeling loop (the baseline of the label-e2e suite): one image at a time, no pipelining.
 
 Decode a JPEG, run the network at batch 1, take the argmax mask, write the PNG, next image: what
-the public CAM scripts do per image, without `wsclip label`'s decode workers, batching, encoding
-pool, manifest or resume.
+the public CAM scripts do per image, without `wsclip label`'s reader thread, batching, encoding
+thread, manifest or resume. It runs the labeler it is given (the label-e2e suite gives it the eager
+fp32 one) in the calling process, so at the same torch thread count as `wsclip label` there.
 """
 
 from __future__ import annotations

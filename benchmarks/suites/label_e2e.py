@@ -11,16 +11,19 @@ import torch
 from wsclip.bench.suite import Skip, SuiteContext, SuiteResult
 
 NAME = "label-e2e"
-DESCRIPTION = ("JPEG files to palette PNG masks with a CAM network and image-level labels. wsclip: `wsclip label` "
-               "(decoding in DataLoader workers, batched network, PNG encoding in a worker pool, manifest, "
-               "atomic writes). Baseline: the usual serial loop, one image at a time (decode, network at batch "
-               "1, argmax, write PNG). Both use the same loaded network; masks are compared before timing.")
+DESCRIPTION = ("JPEG files to palette PNG masks with a CAM network and image-level labels, at each image count. "
+               "wsclip: `wsclip label` (decoding overlapped with compute in a reader thread on the CPU, DataLoader "
+               "workers on CUDA; batched network; PNG encoding in a worker thread; manifest, atomic writes), with "
+               "the eager fp32 network and with `--backend auto` (on the CPU the fastest variant whose masks match "
+               "eager fp32). Baseline: the usual serial loop, one image at a time (decode, network at batch 1, "
+               "argmax, write PNG) with the eager fp32 network, at the same torch thread count. Masks are compared "
+               "before timing.")
 
 SETUPS = {
-    "gpu": dict(backbone="resnet50", images=112, side=None, batch=16, scales=(1.0, 0.5, 1.5, 2.0), flip=True),
-    "cpu": dict(backbone="resnet50", images=14, side=None, batch=4, scales=(1.0,), flip=False),
-    "cpu_quick": dict(backbone="resnet50", images=4, side=224, batch=2, scales=(1.0,), flip=False),
-    "tiny": dict(backbone="tiny", images=4, side=64, batch=2, scales=(1.0,), flip=False),
+    "gpu": dict(backbone="resnet50", counts=(112,), side=None, batch=16, scales=(1.0, 0.5, 1.5, 2.0), flip=True),
+    "cpu": dict(backbone="resnet50", counts=(4, 14), side=None, batch=4, scales=(1.0,), flip=False),
+    "cpu_quick": dict(backbone="resnet50", counts=(4,), side=224, batch=2, scales=(1.0,), flip=False),
+    "tiny": dict(backbone="tiny", counts=(4,), side=64, batch=2, scales=(1.0,), flip=False),
 }
 
 
@@ -34,7 +37,7 @@ def _inputs(ctx: SuiteContext, n: int, side: int | None):
         raise Skip(f"the VOC sample images are missing ({src})")
     table = json.loads((src / "labels.json").read_text())
     ids = sorted(table)
-    folder = ctx.tmp / "jpeg"
+    folder = ctx.tmp / f"jpeg_{n}"
     folder.mkdir(parents=True, exist_ok=True)
     labels = {}
     for i in range(n):
@@ -49,9 +52,14 @@ def _inputs(ctx: SuiteContext, n: int, side: int | None):
         else:
             shutil.copyfile(src / "JPEGImages" / f"{sid}.jpg", dst)
         labels[name] = table[sid]
-    labels_path = ctx.tmp / "labels.json"
+    labels_path = ctx.tmp / f"labels_{n}.json"
     labels_path.write_text(json.dumps(labels))
     return folder, labels_path, sorted(labels)
+
+
+WSCLIP_EAGER = "wsclip label, eager fp32"
+WSCLIP_AUTO = "wsclip label, --backend auto"
+SERIAL = "serial loop, batch 1, eager fp32"
 
 
 def run(ctx: SuiteContext, res: SuiteResult) -> None:
@@ -66,62 +74,72 @@ def run(ctx: SuiteContext, res: SuiteResult) -> None:
     from wsclip.vocab import VOC_CLASSES
 
     s = ctx.pick(gpu=SETUPS["gpu"], cpu=SETUPS["cpu"], cpu_quick=SETUPS["cpu_quick"], tiny=SETUPS["tiny"])
-    folder, labels_path, ids = _inputs(ctx, s["images"], s["side"])
     torch.manual_seed(0)
     ckpt = ctx.tmp / "camnet.safetensors"
     save_camnet(ckpt, CAMNet(s["backbone"], len(VOC_CLASSES)), VOC_CLASSES)
     cfg = LabelerConfig(model=str(ckpt), device=str(ctx.device), batch_size=s["batch"], scales=tuple(s["scales"]),
-                        flip=s["flip"])
-    labeler = load_labeler(cfg)
-    n = len(ids)
-    sizes = sorted({tuple(read_image(folder / f"{i}.jpg").shape[:2]) for i in ids[:14]})
-    case = (f"{n} JPEGs ({sizes[0][0]}x{sizes[0][1]}{'...' if len(sizes) > 1 else ''}), CAM net {s['backbone']}, "
-            f"scales {','.join(str(x) for x in s['scales'])}{' + flip' if s['flip'] else ''}")
-    workers = 2
-    res.setup.update({"images": n, "backbone": s["backbone"], "batch": s["batch"], "scales": list(s["scales"]),
-                      "flip": s["flip"], "decode_workers": workers, "png_workers": workers,
+                        flip=s["flip"], backend="eager")
+    labelers = {WSCLIP_EAGER: (cfg, load_labeler(cfg))}
+    if not ctx.gpu:  # on CUDA auto is eager (bf16 only with --amp): the same row
+        auto = cfg.replace(backend="auto")
+        labelers[WSCLIP_AUTO] = (auto, load_labeler(auto))
+    serial_labeler = labelers[WSCLIP_EAGER][1]
+    res.setup.update({"counts": list(s["counts"]), "backbone": s["backbone"], "batch": s["batch"],
+                      "scales": list(s["scales"]), "flip": s["flip"], "torch_threads": torch.get_num_threads(),
                       "weights": "random (speed does not depend on them)"})
     if not ctx.gpu and not ctx.tiny:
-        res.setup["cpu"] = (f"reduced: {n} images" + (f" re-encoded at {s['side']} px" if s["side"] else "")
-                            + f", one scale; torch threads: {torch.get_num_threads()}")
-
-    out_w, out_s = ctx.tmp / "out_wsclip", ctx.tmp / "out_serial"
-    y_table = json.loads(labels_path.read_text())
-
-    def wsclip_run():
-        run_cfg = LabelRunConfig(out=out_w, workers=workers, post_workers=workers, restart=True)
-        summary = label_images(cfg, str(folder), run_cfg, labels=str(labels_path), labeler=labeler)
-        if summary["labelled"] != n:
-            raise RuntimeError(f"wsclip label wrote {summary['labelled']} of {n} masks: {summary}")
-
-    def serial_run():
-        label_serially(labeler, folder, ids, y_table, out_s, len(VOC_CLASSES))
-
+        res.setup["cpu"] = ("full VOC images" if not s["side"] else f"reduced: images re-encoded at {s['side']} px") \
+            + f", one scale; serial loop and wsclip at the same torch threads: {torch.get_num_threads()}"
     saved = os.environ.get("WSCLIP_NO_PROGRESS")
     os.environ["WSCLIP_NO_PROGRESS"] = "1"
     try:
-        wsclip_run()
-        serial_run()
-        same = total = 0
-        for i in ids:
-            a, b = read_mask(out_w / f"{i}.png"), read_mask(out_s / f"{i}.png")
-            same += int((a == b).sum())
-            total += a.size
-        agree = same / total
-        ok = res.check(case, "masks: serial loop vs wsclip label (pixel agreement)", max_abs_err=1 - agree,
-                       tolerance=1e-3, detail=f"{100 * agree:.4f}% of {total} pixels agree")
-        runs = [("wsclip label (pipelined, batched)", "wsclip", wsclip_run)]
-        if ok:
-            runs.append(("serial loop, batch 1", "baseline", serial_run))
-        else:
-            res.skip(case, "serial loop, batch 1", "baseline", "not timed: its masks differ from wsclip's")
-        for variant, role, fn in runs:
-            timing = ctx.meter.measure(fn, reps=ctx.reps, warmup=0, budget_s=ctx.budget_s)  # warmed up above
-            res.timed(case, variant, role, timing, items=n, batch=s["batch"] if role == "wsclip" else 1)
-            ctx.log(f"{variant}: {n / timing.median_s:.3g} img/s")
+        for n in s["counts"]:
+            folder, labels_path, ids = _inputs(ctx, n, s["side"])
+            sizes = sorted({tuple(read_image(folder / f"{i}.jpg").shape[:2]) for i in ids[:14]})
+            case = (f"{n} JPEGs ({sizes[0][0]}x{sizes[0][1]}{'...' if len(sizes) > 1 else ''}), CAM net "
+                    f"{s['backbone']}, scales {','.join(str(x) for x in s['scales'])}{' + flip' if s['flip'] else ''}")
+            y_table = json.loads(labels_path.read_text())
+            out_s = ctx.tmp / f"out_serial_{n}"
+
+            def wsclip_run(name, n=n, folder=folder, labels_path=labels_path):
+                lcfg, lab = labelers[name]
+                run_cfg = LabelRunConfig(out=ctx.tmp / f"out_{len(name)}_{n}", restart=True)
+                summary = label_images(lcfg, str(folder), run_cfg, labels=str(labels_path), labeler=lab)
+                if summary["labelled"] != n:
+                    raise RuntimeError(f"wsclip label wrote {summary['labelled']} of {n} masks: {summary}")
+                res.setup.setdefault("labeler", {})[name] = summary["labeler"]
+
+            def serial_run(folder=folder, ids=ids, y_table=y_table, out_s=out_s):
+                label_serially(serial_labeler, folder, ids, y_table, out_s, len(VOC_CLASSES))
+
+            serial_run()  # warm-up, and the reference masks
+            runs = []
+            for name in labelers:
+                wsclip_run(name)  # warm-up (on the CPU, auto's one-time probe happens here)
+                same = total = 0
+                for i in ids:
+                    a = read_mask(ctx.tmp / f"out_{len(name)}_{n}" / f"{i}.png")
+                    b = read_mask(out_s / f"{i}.png")
+                    same += int((a == b).sum())
+                    total += a.size
+                agree = same / total
+                variant = labelers[name][1].variant
+                tol = 1e-3 if variant in ("eager", "channels-last", None) else 1e-2
+                if res.check(case, f"masks: serial loop vs {name} [{variant}] (pixel agreement)",
+                             max_abs_err=1 - agree, tolerance=tol, detail=f"{100 * agree:.4f}% of {total} pixels agree"):
+                    runs.append((name, "wsclip", lambda name=name: wsclip_run(name)))
+                else:
+                    res.skip(case, name, "wsclip", "not timed: its masks differ from the serial loop's")
+            runs.append((SERIAL, "baseline", serial_run))
+            for variant, role, fn in runs:
+                timing = ctx.meter.measure(fn, reps=ctx.reps, warmup=0, budget_s=ctx.budget_s)  # warmed up above
+                extra = {"backend_variant": labelers[variant][1].variant} if variant in labelers else {}
+                res.timed(case, variant, role, timing, items=n, batch=s["batch"] if role == "wsclip" else 1, **extra)
+                ctx.log(f"{case}: {variant}: {n / timing.median_s:.3g} img/s")
+            for name in labelers:
+                res.compare(case, name, SERIAL)
     finally:
         if saved is None:
             os.environ.pop("WSCLIP_NO_PROGRESS", None)
         else:
             os.environ["WSCLIP_NO_PROGRESS"] = saved
-    res.compare(case, "wsclip label (pipelined, batched)", "serial loop, batch 1")

@@ -50,7 +50,9 @@ def test_tiny_run_follows_the_schema(tiny_run):
     # the serial baseline was checked against `wsclip label` (same masks) before it was timed
     e2e = run["suites"]["label-e2e"]
     assert {r["role"] for r in e2e["results"]} == {"wsclip", "baseline"}
-    assert e2e["checks"] and e2e["checks"][0]["passed"] and len(e2e["comparisons"]) == 1
+    assert len(e2e["checks"]) == 2 and all(c["passed"] for c in e2e["checks"])  # eager and --backend auto
+    assert [c["fast"] for c in e2e["comparisons"]] == ["wsclip label, eager fp32", "wsclip label, --backend auto"]
+    assert all(c["baseline"] == "serial loop, batch 1, eager fp32" for c in e2e["comparisons"])
 
 
 @pytest.mark.slow

@@ -40,6 +40,49 @@ def _reference_cam(net, image, scales, keys):
     return low, high
 
 
+def _official_cam(net, image, scales, keys, stride=16):
+    """The public IRN/CLIMS `make_cam`, written out: PIL bicubic per scale on the uint8 image, then
+    ImageNet normalisation; relu maps + their flips, bilinear to the stride-4 size and to the padded
+    stride grid cropped to the image."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    low = torch.zeros(len(keys), (h + 3) // 4, (w + 3) // 4)
+    high = torch.zeros(len(keys), h, w)
+    up_size = (-(-h // stride) * stride, -(-w // stride) * stride)
+    for s in scales:
+        im = image if s == 1.0 else np.array(Image.fromarray(image).resize((round(w * s), round(h * s)), Image.BICUBIC))
+        x = (torch.from_numpy(im).permute(2, 0, 1).float() / 255 - mean) / std
+        with torch.no_grad():
+            a = F.relu(net(x[None]))[0]
+            b = F.relu(net(x.flip(-1)[None]))[0].flip(-1)
+        for n, k in enumerate(keys):
+            m = (a[k] + b[k])[None, None]
+            low[n] += F.interpolate(m, low.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+            high[n] += F.interpolate(m, up_size, mode="bilinear", align_corners=False)[0, 0, :h, :w]
+    for t in (low, high):
+        for n in range(len(keys)):
+            t[n] /= t[n].max() + 1e-5
+    return low, high
+
+
+@pytest.mark.parametrize("hw", [(37, 50), (64, 31)])
+def test_cam_maps_official_preprocess_matches_public_make_cam(hw):
+    """--compat official (preprocess 'pil') is the public code's CAM, to float tolerance; wsclip's own
+    (bilinear on the device) differs from it."""
+    net = build_camnet("tiny", num_classes=5).eval()
+    image = np.random.default_rng(1).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    scales = (1.0, 0.5, 1.5, 2.0)
+    low, high = cam_maps(net, image, [0, 3], scales, preprocess="pil")
+    ref_low, ref_high = _official_cam(net, image, scales, [0, 3])
+    torch.testing.assert_close(low, ref_low, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(high, ref_high, rtol=1e-4, atol=1e-5)
+    own = cam_maps(net, image, [0, 3], scales)[1]
+    assert (own - high).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("hw", [(37, 50), (64, 31)])
 def test_cam_maps_match_plain_loop(hw):
     net = build_camnet("tiny", num_classes=5).eval()

@@ -11,6 +11,7 @@ from open_clip.model import CLIP
 from PIL import Image
 
 from wsclip.cli import main
+from wsclip.errors import WsclipError
 from wsclip.label.clip_es import (
     ClipEs, ClipEsConfig, bucket_by_shape, caa_layer_indices, gradcam_minmax, make_clip_es_cams, rounded_size,
 )
@@ -81,7 +82,7 @@ def max_rel(got, ref):
 
 
 def test_batched_gradcam_and_caa_equal_per_class_reference(clip):
-    es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0))
+    es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, compute="fp32"))
     rng = np.random.default_rng(0)
     # both round up to 40x56 with patch 8 -> one batch; different class counts (3 and 1 slots)
     images = [rng.integers(0, 256, (37, 50, 3), dtype=np.uint8), rng.integers(0, 256, (33, 49, 3), dtype=np.uint8)]
@@ -101,6 +102,28 @@ def test_batched_gradcam_and_caa_equal_per_class_reference(clip):
     assert batched["raw"][1, 1:].abs().max() == 0  # empty slots are zero
 
 
+def test_bf16_compute_within_tolerance_of_fp32_and_auto_is_deterministic(clip):
+    from wsclip.label.backends import cpu_has_bf16
+    from wsclip.label.clip_es import BF16_TOLERANCE
+
+    rng = np.random.default_rng(5)
+    images, keys = [rng.integers(0, 256, (37, 50, 3), dtype=np.uint8)], [[0, 4]]
+    ref = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, compute="fp32")).label(images, keys)[0]
+    low = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, compute="bf16")).label(images, keys)[0]
+    for k in ("cam", "high_res_raw"):
+        err = float((low[k] - ref[k]).norm() / ref[k].norm())
+        assert 0 < err <= BF16_TOLERANCE, (k, err)
+    autos = [ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0)) for _ in range(2)]
+    got = [a.label(images, keys)[0]["cam"] for a in autos]
+    assert autos[0].compute == autos[1].compute and torch.equal(got[0], got[1])
+    if cpu_has_bf16():
+        assert autos[0].compute == ("bf16" if autos[0].probe["bf16_ok"] else "fp32")
+    else:
+        assert autos[0].compute == "fp32" and autos[0].probe is None
+    with pytest.raises(WsclipError, match="compute"):
+        ClipEs(clip, VOC_CLASSES, ClipEsConfig(compute="fp8"))
+
+
 def test_image_embedding_poolings(clip):
     """'tokens' (default, public code): proj(mean(ln_post(token))); 'mean' (METHODS.md text): proj(ln_post(mean))."""
     rng = np.random.default_rng(2)
@@ -117,7 +140,7 @@ def test_image_embedding_poolings(clip):
 
 
 def test_sizes_empty_labels_and_no_caa(clip):
-    es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, caa=False))
+    es = ClipEs(clip, VOC_CLASSES, ClipEsConfig(logit_scale=10.0, caa=False, compute="fp32"))
     rng = np.random.default_rng(1)
     im = rng.integers(0, 256, (17, 30, 3), dtype=np.uint8)
     (r,) = es.label([im], [[3, 11]])
@@ -206,7 +229,7 @@ def test_cli_clip_es_flags_reach_the_config(tmp_path, voc14):
     flags = ["--pooling", "mean", "--caa-layers", "1", "--box-compat", "--backend", "torch", "--box-threshold", "0.5"]
     assert main(["cam", "--method", "clip-es", "--clip", str(ckpt), "--data", str(data), "--split", "val",
                  "--out", str(tmp_path / "cli"), "--device", "cpu", "--workers", "0", *flags]) == 0
-    cfg = ClipEsConfig(pooling="mean", caa_layers=1, box_compat=True, backend="torch", box_threshold=0.5)
+    cfg = ClipEsConfig(pooling="mean", caa_layers=1, box_compat=True, caa_backend="torch", box_threshold=0.5)
     make_clip_es_cams(ckpt, str(data), tmp_path / "api", split="val", cfg=cfg, device="cpu", num_workers=0)
     default = tmp_path / "default"
     make_clip_es_cams(ckpt, str(data), default, split="val", cfg=ClipEsConfig(), device="cpu", num_workers=0)

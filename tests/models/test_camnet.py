@@ -1,8 +1,9 @@
-"""CAM network: output stride 16 for any size, modes, frozen stem, checkpoints."""
+"""CAM network: output stride 16 (8 for tiny-s8) for any size, modes, frozen stem, checkpoints."""
 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,42 @@ def test_tiny_output_stride_16_any_size(hw):
     net = build_camnet("tiny", num_classes=5).eval()
     out = net(torch.randn(2, 3, *hw))
     assert out.shape == (2, 5, math.ceil(hw[0] / 16), math.ceil(hw[1] / 16))
+
+
+@pytest.mark.parametrize("hw", [(128, 128), (65, 97), (33, 17), (8, 8), (1, 1)])
+def test_tiny_s8_output_stride_8_any_size(hw):
+    from wsclip.models.camnet import backbone_strides
+
+    net = build_camnet("tiny-s8", num_classes=6).eval()
+    assert net.stride == 8 and backbone_strides("tiny-s8") == (4, 4, 8, 8, 8)
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, *hw))
+    assert out.shape == (2, 6, math.ceil(hw[0] / 8), math.ceil(hw[1] / 8))
+    assert build_camnet("tiny", 6).stride == 16 and backbone_strides("resnet50") == (4, 4, 8, 16, 16)
+
+
+def test_official_cam_of_a_stride_8_net_sits_on_its_own_grid():
+    """A stride-8 map upsampled as a stride-16 one would shift and stretch: the peak must stay where it is."""
+    from wsclip.label.cam_labeler import CamLabeler
+    from wsclip.label.clims_cam import cam_maps
+
+    class Peak(torch.nn.Module):  # a 'network' whose stride-8 map is one hot cell
+        stride = 8
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 1, -(-x.shape[2] // 8), -(-x.shape[3] // 8))
+            out[:, 0, 3, 1] = 1.0
+            return out
+
+    hw = (72, 40)  # not a multiple of 16
+    lab = CamLabeler(Peak(), ["peak"], scales=(1.0,), flip=False, preprocess="pil")
+    _, high = cam_maps(lab, np.zeros((*hw, 3), np.uint8), [0])
+    y, x = divmod(int(high[0].argmax()), hw[1])
+    assert 24 <= y < 32 and 8 <= x < 16  # cell (3, 1) of the 8 px grid
 
 
 def test_resnet50_stride_16_without_dilation():

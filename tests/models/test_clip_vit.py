@@ -154,6 +154,24 @@ def test_vit_forward_bf16(tmp_path):
     torch.testing.assert_close(trace.attn[0], want.attn[0], rtol=0, atol=0.05)
 
 
+def test_vit_forward_attn_mean_and_frozen_bf16(clip):
+    """attn_mean: the in-place mean of the per-layer maps; frozen_dtype: blocks 1..n-1 under bf16 autocast,
+    the last block (GradCAM's) in float32, close to the fp32 run and really in bf16 (not equal)."""
+    pixels = torch.randn(2, 3, 24, 40)
+    per_layer = clip.vit_forward(pixels, attn_layers=[2, 0, 1])
+    mean = clip.vit_forward(pixels, attn_layers=[2, 0, 1], attn_mean=True)
+    assert len(mean.attn) == 1 and mean.attn[0].dtype == torch.float32
+    torch.testing.assert_close(mean.attn[0], torch.stack(per_layer.attn).mean(0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean.tokens, per_layer.tokens, rtol=0, atol=0)
+    assert clip.vit_forward(pixels, attn_layers=[], attn_mean=True).attn == []
+    low = clip.vit_forward(pixels, attn_layers=[0, 2], attn_mean=True, frozen_dtype=torch.bfloat16)
+    ref = clip.vit_forward(pixels, attn_layers=[0, 2], attn_mean=True)
+    assert low.ln1.dtype == torch.float32 and low.ln1.requires_grad and low.tokens.dtype == torch.float32
+    torch.testing.assert_close(low.ln1, ref.ln1, rtol=0, atol=0.1)
+    torch.testing.assert_close(low.attn[0], ref.attn[0], rtol=0, atol=0.02)
+    assert (low.ln1 - ref.ln1).abs().max() > 0  # the frozen blocks did run in bf16
+
+
 # ----------------------------------------------------------------------------- positional embedding
 def test_interpolate_pos_embed_native_grid_is_unchanged():
     pe = torch.randn(1 + 16, 12)

@@ -6,7 +6,6 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -20,6 +19,7 @@ from PIL import Image
 from wsclip.io import decode_image_bytes, read_mask
 from wsclip.serve.labelers import LabelerConfig, load_labeler, rle_decode
 from wsclip.serve.server import BackgroundServer, ServeConfig, create_app
+from cli_server import start_cli_server
 
 MAX_PIXELS = 600 * 600
 MAX_BODY = 2 * 2**20
@@ -262,22 +262,8 @@ def test_graceful_shutdown_finishes_in_flight_requests(labeler, jpeg):
 
 
 def test_cli_serve_answers_curl_and_stops_on_sigterm(cam_ckpt, voc14, tmp_path):
-    env = {**os.environ, "WSCLIP_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "wsclip.cli", "serve", "--model", str(cam_ckpt), "--port", "0",
-                             "--device", "cpu", "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, url = start_cli_server("--model", str(cam_ckpt))
     try:
-        line = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
-        url = line.split("listening on ")[1].split()[0]
-        t_end = time.monotonic() + 120
-        while time.monotonic() < t_end:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
         out = tmp_path / "mask.png"
         image = voc14 / "JPEGImages" / "2007_000033.jpg"
         curl = subprocess.run(["curl", "-sS", "-f", "-F", f"image=@{image};type=image/jpeg", "-F", "labels=aeroplane",

@@ -81,7 +81,7 @@ def test_cam_labeler_matches_cam_labeler_module(cam_ckpt):
     """Masks and CAMs equal CamLabeler.run on the same groups; missing labels come from the class scores."""
     from wsclip.label.cam_labeler import load_cam_labeler
 
-    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", batch_size=2))
+    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", batch_size=2, backend="eager"))
     assert lab.method == "cam" and lab.backend == "pytorch" and lab.classes == VOC_CLASSES
     ref = load_cam_labeler(cam_ckpt)
     rng = np.random.default_rng(1)
@@ -228,17 +228,11 @@ def test_irn_refinement_wiring(cam_ckpt, tmp_path):
     assert not empty.mask.any() and empty.keys.size == 0
 
 
-def _tiny_vit_clip(path):
-    from job_helpers import tiny_vit_clip
-
-    return tiny_vit_clip(path)
-
-
-def test_clip_zero_shot_and_clip_es(tmp_path):
+def test_clip_zero_shot_and_clip_es(tmp_path, tiny_vit_clip):
     from wsclip.label.clip_es import ClipEs
     from wsclip.models.clip import load_clip
 
-    clip_path = _tiny_vit_clip(tmp_path / "clip.safetensors")
+    clip_path = tiny_vit_clip
     lab = load_labeler(LabelerConfig(clip=str(clip_path), device="cpu", label_threshold=0.06))
     assert lab.method == "clip-es" and lab.describe()["predict"] == "clip-zero-shot"
     rng = np.random.default_rng(5)

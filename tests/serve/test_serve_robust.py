@@ -3,10 +3,7 @@ never 5xx; stalled uploads get 408/413 while valid requests are served, or readi
 non-loopback bind needs a token."""
 
 import io
-import os
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from zoo import ZOO
+from cli_server import start_cli_server
 
 READ_TIMEOUT = 2.0
 MAX_QUEUE = 1  # connection cap = 2 * max_queue + 32 = 34 open label requests
@@ -22,19 +20,9 @@ MAX_QUEUE = 1  # connection cap = 2 * max_queue + 32 = 34 open label requests
 
 @pytest.fixture(scope="module")
 def url(voc_camnet):
-    env = {**os.environ, "WSCLIP_NO_PROGRESS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "wsclip.cli", "serve", "--model", str(voc_camnet), "--port", "0",
-                             "--device", "cpu", "--log-level", "warning", "--max-queue", str(MAX_QUEUE),
-                             "--read-timeout", str(READ_TIMEOUT), "--max-batch-size", "2"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, base = start_cli_server("--model", str(voc_camnet), "--max-queue", str(MAX_QUEUE),
+                                  "--read-timeout", str(READ_TIMEOUT), "--max-batch-size", "2")
     try:
-        line = proc.stdout.readline()
-        assert "listening on http://127.0.0.1:" in line, line + proc.stderr.read()
-        base = line.split("listening on ")[1].split()[0]
-        t_end = time.monotonic() + 120
-        while httpx.get(f"{base}/health/ready", timeout=5).status_code != 200:
-            assert time.monotonic() < t_end and proc.poll() is None, proc.stderr.read()
-            time.sleep(0.2)
         yield base
     finally:
         proc.terminate()

@@ -85,7 +85,7 @@ def test_frozen_clip_and_one_encoder_call_per_step(world, clip, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3]
     for r in log:
         assert set(r) >= {"otm", "btm", "cbs", "reg", "loss", "lr"}
-        want = 10 * r["otm"] + 24 * r["btm"] + 1 * r["cbs"] + 0.2 * r["reg"]
+        want = 10 * r["otm"] + 24 * r["btm"] + 1 * r["cbs"] + 1.15 * r["reg"]  # the synth preset
         assert r["loss"] == pytest.approx(want, rel=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_baseline_then_clims_killed_and_resumed_matches(world, clip, tmp_path):
     assert rc == 0
     base = tmp_path / "cam" / "camnet.safetensors"
     net0, meta0 = load_camnet(base)
-    assert meta0["trained"] == "cam" and meta0["preset"] == "synth" and meta0["backbone"] == "tiny"
+    assert meta0["trained"] == "cam" and meta0["preset"] == "synth" and meta0["backbone"] == "tiny-s8"
     # the baseline trains with frozen BN: running statistics never moved
     bn = net0.backbone.layer2[0].bn1
     assert torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean)) and int(bn.num_batches_tracked) == 0
@@ -123,6 +123,10 @@ def test_baseline_then_clims_killed_and_resumed_matches(world, clip, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
     # and training moved the weights away from the baseline
     assert not torch.allclose(a.classifier.weight, net0.classifier.weight)
+    # the synth preset keeps the baseline's BN statistics (freeze_bn); the papers' setting trains them
+    assert torch.equal(a.backbone.layer2[0].bn1.running_mean, bn.running_mean)
+    free = train_clims(_cfg(world, tmp_path / "free", init=str(base), max_steps=2, freeze_bn=False), clip=clip)
+    assert not torch.equal(load_camnet(free)[0].backbone.layer2[0].bn1.running_mean, bn.running_mean)
 
 
 def test_torchrun_two_processes_match_single_process(world, clip, tmp_path):

@@ -248,3 +248,13 @@ def test_train_irn_missing_cams_is_a_clear_cli_error(synth_voc, tmp_path, capsys
                "--out", str(tmp_path / "o"), "--backbone", "tiny", "--crf", "off", "--device", "cpu"])
     assert rc == 2
     assert "CAM folder not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "tiny-s8"])
+def test_boundary_net_is_at_stride_4_for_either_tiny_backbone(backbone):
+    from wsclip.models.irn import build_irn
+
+    net = build_irn(backbone).eval()
+    with torch.no_grad():
+        for hw in ((64, 64), (50, 37)):
+            assert net(torch.randn(2, 3, *hw)).shape == (2, 1, -(-hw[0] // 4), -(-hw[1] // 4))

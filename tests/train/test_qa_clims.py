@@ -133,7 +133,8 @@ def test_trains_from_json_via_cli_and_from_npy_pair_identically(world, clip, tmp
     torch.manual_seed(0)  # training seeds 0 right before building the network
     from wsclip.models.camnet import build_camnet
 
-    init = build_camnet("tiny", 6)
+    init = build_camnet(a.backbone_name, 6)  # the synth preset's backbone, freshly initialised
+    assert init.classifier.weight.shape == a.classifier.weight.shape
     assert not torch.allclose(a.classifier.weight, init.classifier.weight)
     log = [json.loads(x) for x in (out_json / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]

@@ -41,7 +41,7 @@ def test_clims_presets_match_methods():
         assert (c.momentum, c.weight_decay, c.poly_power, c.crop, c.resize_long) == (0.9, 1e-4, 0.9, 512, (320, 640))
     cam = from_preset(CamConfig, "voc-official")
     assert (cam.lr, cam.batch_size, cam.epochs, cam.freeze_bn) == (0.1, 16, 5, True)
-    assert from_preset(ClimsConfig, "synth").backbone == "tiny"
+    assert from_preset(ClimsConfig, "synth").backbone == "tiny-s8"
     with pytest.raises(WsclipError, match="unknown preset"):
         from_preset(ClimsConfig, "voc")
 
@@ -90,3 +90,14 @@ def _parse(cls, argv):
     p = argparse.ArgumentParser()
     add_config_args(p, cls)
     return p.parse_args(argv)
+
+
+def test_clip_es_compute_follows_compat():
+    """CLIP-ES frozen blocks: bf16 may be chosen by wsclip's auto, never under --compat official (fp32 as the
+    public code); an explicit --compute wins."""
+    from wsclip.compat import resolve
+    from wsclip.label.clip_es import ClipEsConfig
+
+    assert resolve(ClipEsConfig()).compute == "auto"
+    assert resolve(ClipEsConfig(compat="official")).compute == "fp32"
+    assert resolve(ClipEsConfig(compat="official", compute="bf16")).compute == "bf16"

@@ -21,8 +21,11 @@ def _clip_es_args(p):
     p.add_argument("--caa-layers", type=int, help="[clip-es] last blocks whose attention CAA averages (default 8 of 12)")
     p.add_argument("--box-compat", action="store_true",
                    help="[clip-es] the public code's box masks (uint8 threshold, exclusive far box edges)")
-    p.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+    p.add_argument("--caa-backend", choices=("auto", "triton", "torch"), default="auto",
                    help="[clip-es] CAA kernels: auto = Triton on CUDA, PyTorch elsewhere")
+    p.add_argument("--compute", choices=("auto", "fp32", "bf16"),
+                   help="[clip-es] ViT blocks before the last: auto = bf16 on CPUs that run it natively when its "
+                        "maps match fp32 (a fixed probe image), else fp32; --compat official: fp32")
     p.add_argument("--logit-scale", type=float, help="[clip-es] softmax logit scale (default: the checkpoint's)")
 
 
@@ -30,7 +33,7 @@ def _clip_es_options(args) -> dict:
     """ClipEsConfig fields from the `_clip_es_args` flags."""
     return {"caa": not args.no_caa, "box_threshold": args.box_threshold, "template": args.template,
             "pooling": args.pooling, "caa_layers": args.caa_layers, "box_compat": args.box_compat or None,
-            "backend": args.backend, "logit_scale": args.logit_scale}
+            "caa_backend": args.caa_backend, "logit_scale": args.logit_scale, "compute": args.compute}
 
 
 def _job_args(p, on_error: str = "skip"):
@@ -78,7 +81,7 @@ def _run_cam(args):
             raise WsclipError(f"--scales must be comma-separated numbers, got '{args.scales}'") from None
         res = make_cams(args.checkpoint, args.data, args.out, split=args.split, scales=scales,
                         device=args.device, num_workers=args.workers, amp=args.amp, restart=args.restart,
-                        on_error=args.on_error)
+                        on_error=args.on_error, compat=args.compat)
         print(f"wrote {res['written']} CAM files to {args.out} ({res['skipped']} already done, {len(res['failed'])} "
               f"skipped into errors.json, {res['total']} images)")
         return

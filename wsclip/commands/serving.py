@@ -11,13 +11,14 @@ from wsclip.commands.maps import _clip_es_args, _clip_es_options
 
 
 # ============================================================================ label / serve
-def _labeler_args(p):
-    """The labeler flags of `label` and `serve`: generated from LabelerConfig's fields (one edit adds an
-    option to both), plus --config (a YAML LabelerConfig) and the CLIP-ES options of `wsclip cam`."""
+def _labeler_args(p, profile: bool = False):
+    """The labeler flags of `label`, `serve` and `profile`: generated from LabelerConfig's fields (one edit
+    adds an option to all three), plus --config (a YAML LabelerConfig) and the CLIP-ES options of `wsclip cam`.
+    `profile` takes lists instead of --batch-size and --backend (--batch-sizes, --backends)."""
     from wsclip.config import add_config_args
     from wsclip.serve.labelers import LabelerConfig
 
-    add_config_args(p, LabelerConfig)
+    add_config_args(p, LabelerConfig, skip=("batch_size", "backend") if profile else ())
     _clip_es_args(p)
 
 
@@ -50,8 +51,10 @@ def _add_label(sub):
     p.add_argument("--review-first", type=int, metavar="N",
                    help="after the run, list the N masks with the worst quality score (`wsclip review` shows them)")
     p.add_argument("--window", type=int, help="images labelled together (default 4 batches); fixes batch composition")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding images")
-    p.add_argument("--post-workers", type=int, default=2, help="refinement / encoding workers (0: main thread)")
+    p.add_argument("--workers", type=int, help="DataLoader processes decoding images (default: 0 on the CPU, "
+                                               "where one reader thread overlaps decoding with compute; 2 on CUDA)")
+    p.add_argument("--post-workers", type=int, help="refinement / encoding workers (0: main thread; default 1 on "
+                                                    "the CPU, 2 on CUDA)")
     p.add_argument("--decode", choices=("auto", "cpu", "gpu"), default="auto", help="auto: nvJPEG on CUDA, else PIL")
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="a bad image: skip it (errors.json) or stop")
     p.add_argument("--limit", type=int, help="only the first N images")
@@ -89,6 +92,45 @@ def _run_label(args):
 
         print(LabeledFolder(args.out).worst_table(args.review_first))
     return 1 if summary["errors"] and args.on_error == "fail" else 0
+
+
+def _add_profile(sub):
+    p = sub.add_parser("profile", help="per-stage latency (p50/p95/p99, share), throughput, peak memory and the "
+                                       "bottleneck of a labeler on every installed backend; --trace for Perfetto")
+    _labeler_args(p, profile=True)
+    p.add_argument("--images", help="images as `wsclip label` takes them (default: random JPEGs of --size)")
+    p.add_argument("--split", help="dataset split (voc/coco)")
+    p.add_argument("--labels", help="image-level labels file (JSON or CSV); else the dataset's, else predicted")
+    p.add_argument("--n", type=int, default=16, help="images per run (the inputs repeat when there are fewer)")
+    p.add_argument("--batch-sizes", default="1,4", help="comma-separated batch sizes (default 1,4)")
+    p.add_argument("--backends", default="all",
+                   help="comma-separated: all (every installed one), auto, eager, channels-last, bf16, compile, "
+                        "onnxruntime, tensorrt")
+    p.add_argument("--size", default="320x320", help="HxW of the random images when --images is not given")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first (kernel selection, compilation)")
+    p.add_argument("--trace", type=Path, help="write a Chrome/Perfetto trace (torch.profiler, ranges wsclip.<stage>)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args):
+    from wsclip.profile import ProfileConfig, format_profile, parse_size, profile
+
+    try:
+        batches = tuple(int(b) for b in args.batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise WsclipError(f"--batch-sizes must be comma-separated integers, got '{args.batch_sizes}'") from None
+    cfg = ProfileConfig(labeler=_labeler_config(args), images=args.images, split=args.split, labels=args.labels,
+                        n=args.n, batch_sizes=batches,
+                        backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()),
+                        size=parse_size(args.size), warmup=args.warmup, trace=args.trace)
+    if cfg.labeler.threads and cfg.labeler.device in ("auto", "cpu"):
+        import torch
+
+        torch.set_num_threads(int(cfg.labeler.threads))
+    result = profile(cfg)
+    print(json.dumps(result, indent=2) if args.json else format_profile(result))
+    return 0
 
 
 def _add_serve(sub):

@@ -15,7 +15,7 @@ def _add_synth(sub):
     p.add_argument("--train", type=int, default=2000, help="number of train images")
     p.add_argument("--val", type=int, default=200, help="number of val images")
     p.add_argument("--seed", type=int, default=0, help="world seed: the same seed writes the same scenes (default 0)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (64 or 96)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128, the demo's world)")
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image files: JPEG quality 95 or lossless PNG")
     p.set_defaults(func=_run_synth)
 

@@ -43,6 +43,9 @@ PRETRAIN_P_PREFERRED = 0.35
 PRETRAIN_P_COMPANION = 0.35
 NUM_OBJECTS_P = (0.45, 0.35, 0.20)  # 1, 2 or 3 objects
 MIN_VISIBLE = 0.6  # an object must keep this fraction of its pixels after occlusion
+#: image side of the world the demo, the ablation and the tiny CLIPs use: at 128 px an object is 48..80 px
+#: long (0.37..0.62 of the side) and a stride-8 CAM (16x16) resolves it (64 px at stride 16 gave 4x4 maps)
+SYNTH_SIZE = 128
 
 _SPLITS = {"train": 0, "val": 1, "pretrain": 2}
 

@@ -178,6 +178,7 @@ class OrtRunner(ArtefactRunner):
             # which has no fp8 CPU kernel: run these graphs (TensorRT inputs, checked here) unoptimised
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = int(threads)
         try:

@@ -155,6 +155,11 @@ def _camnet_spec(checkpoint, *, dynamic_hw=True, hw=(512, 512), input_dtype="uin
     from wsclip.label.cam_labeler import load_cam_labeler
 
     lab = load_cam_labeler(checkpoint, **options)
+    if lab.preprocess != "tensor":
+        from wsclip.errors import WsclipError
+
+        raise WsclipError("an exported CAM labeler resizes on the device (preprocess 'tensor'); the official "
+                          "PIL-bicubic path (--compat official) runs in PyTorch only")
     k = len(lab.classes)
     return ModelSpec(
         "camnet", lab,

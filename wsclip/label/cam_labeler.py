@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from wsclip.constants import CAM_BG_THRESHOLD, CAM_STRIDE, IMAGENET_MEAN, IMAGENET_STD
+from wsclip.constants import CAM_BG_THRESHOLD, CAM_NET_STRIDE, CAM_STRIDE, IMAGENET_MEAN, IMAGENET_STD
 from wsclip.errors import ShapeError, WsclipError
 from wsclip.label.masks import background_argmax
 
@@ -101,19 +101,58 @@ def strided_size(hw, stride: int) -> tuple[int, int]:
     return (int(hw[0]) + stride - 1) // stride, (int(hw[1]) + stride - 1) // stride
 
 
-def multiscale_cams(camnet: nn.Module, x: torch.Tensor, scales: Sequence[float], flip: bool, sizes) -> list[torch.Tensor]:
-    """The one CAM inference rule (METHODS.md section 2), batched: for normalised images x (B, 3, H, W),
-    relu CAMs at every scale (input resized bilinearly) and, with `flip`, of the mirrored input, each
-    upsampled bilinearly to every size in `sizes` and summed. Returns one (B, K, h, w) per size, not normalised.
+def strided_up_size(hw, stride: int) -> tuple[int, int]:
+    """(H, W) rounded up to multiples of `stride`: the padded grid a stride-`stride` map covers."""
+    return tuple(int(-(-int(s) // stride) * stride) for s in hw)
+
+
+def pil_rescale(images: torch.Tensor, scale: float) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) resized by `scale` with PIL bicubic, as the public IRN/CLIMS code does
+    (`pil_rescale(img, s, order=3)`: size round(H*s) x round(W*s); scale 1.0 leaves them as they are)."""
+    from PIL import Image
+
+    if scale == 1.0:
+        return images
+    if images.dtype != torch.uint8:
+        raise ShapeError("preprocess='pil' (--compat official) resizes uint8 images; got " + str(images.dtype))
+    h, w = (max(1, int(round(int(s) * scale))) for s in images.shape[-2:])
+    out = [np.asarray(Image.fromarray(im).resize((w, h), Image.BICUBIC))
+           for im in images.permute(0, 2, 3, 1).cpu().numpy()]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(images.device)
+
+
+def multiscale_cams(camnet: nn.Module, images: torch.Tensor, normalize, scales: Sequence[float], flip: bool, sizes,
+                    preprocess: str = "tensor") -> list[torch.Tensor]:
+    """The one CAM inference rule (METHODS.md section 2), batched: relu CAMs of images (B, 3, H, W) at every
+    scale and, with `flip`, of the mirrored input, each upsampled bilinearly to every size in `sizes` and
+    summed. Returns one (B, K, h, w) per size, not normalised.
+
+    preprocess "tensor" (wsclip): the normalised batch is resized bilinearly on its device and the maps
+    are upsampled straight to each size (traceable: what the exported graph runs). "pil" (--compat
+    official, the public IRN/CLIMS `make_cam`): uint8 images resized with PIL bicubic, then normalised;
+    a map reaches the full image size through its padded stride grid, cropped to the image.
     """
+    if preprocess not in ("tensor", "pil"):
+        raise WsclipError(f"unknown CAM preprocess {preprocess!r}: use tensor (wsclip) or pil (official)")
+    hw = tuple(images.shape[-2:])
+    stride = int(getattr(camnet, "stride", CAM_NET_STRIDE))
+    x = normalize(images) if preprocess == "tensor" else None
     totals: list = [None] * len(sizes)
     for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
-        raw = F.relu(camnet(xs))
+        if preprocess == "pil":
+            xs = normalize(pil_rescale(images, s))
+        else:
+            xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        raw = F.relu(camnet(xs).float())  # under bf16 autocast the head and everything after it stay float32
         if flip:
-            raw = raw + torch.flip(F.relu(camnet(torch.flip(xs, dims=[3]))), dims=[3])
+            raw = raw + torch.flip(F.relu(camnet(torch.flip(xs, dims=[3])).float()), dims=[3])
         for n, size in enumerate(sizes):
-            c = F.interpolate(raw, size=tuple(size), mode="bilinear", align_corners=False)
+            size = tuple(size)
+            if preprocess == "pil" and size == hw:
+                up = strided_up_size(hw, stride)
+                c = F.interpolate(raw, size=up, mode="bilinear", align_corners=False)[..., : hw[0], : hw[1]]
+            else:
+                c = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
             totals[n] = c if totals[n] is None else totals[n] + c
     return totals
 
@@ -131,7 +170,7 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
 
     def __init__(self, camnet: nn.Module, classes: Sequence[str], *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  bg_threshold: float = CAM_BG_THRESHOLD, scales: Sequence[float] = (1.0,), flip: bool = False,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, preprocess: str = "tensor"):
         super().__init__()
         k = getattr(camnet, "num_classes", len(classes))
         if len(classes) != k:
@@ -144,6 +183,7 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
         self.scales = tuple(float(s) for s in scales)
         self.flip = bool(flip)
         self.eps = float(eps)
+        self.preprocess = preprocess
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         cams = self.cams(images, labels)[0]
@@ -153,7 +193,7 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
         """[full-size CAMs (B, K, H, W)] (+ stride-4 CAMs (B, K, ceil(H/4), ceil(W/4)) with low=True), max-normalised."""
         hw = tuple(images.shape[-2:])
         sizes = [hw, strided_size(hw, CAM_STRIDE)] if low else [hw]
-        out = multiscale_cams(self.camnet, self.normalize(images), self.scales, self.flip, sizes)
+        out = multiscale_cams(self.camnet, images, self.normalize, self.scales, self.flip, sizes, self.preprocess)
         if labels is not None:
             out = [c * labels.to(c.dtype)[:, :, None, None] for c in out]
         return [c / (c.amax(dim=(2, 3), keepdim=True) + self.eps) for c in out]
@@ -161,7 +201,8 @@ class CamLabeler(TorchLabelerMixin, nn.Module):
     def config(self) -> dict:
         """Settings a sidecar records so the same labeler can be rebuilt."""
         return {"classes": list(self.classes), "mean": list(self.mean), "std": list(self.std),
-                "bg_threshold": self.bg_threshold, "scales": list(self.scales), "flip": self.flip, "eps": self.eps}
+                "bg_threshold": self.bg_threshold, "scales": list(self.scales), "flip": self.flip, "eps": self.eps,
+                "preprocess": self.preprocess}
 
 
 def load_cam_labeler(checkpoint, device="cpu", **options) -> CamLabeler:

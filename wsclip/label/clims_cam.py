@@ -27,7 +27,8 @@ from wsclip.runtime import precision
 DEFAULT_SCALES = CAM_SCALES
 
 
-def cam_maps(net, image, keys, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True, amp: bool = False):
+def cam_maps(net, image, keys, scales: Sequence[float] = DEFAULT_SCALES, flip: bool = True, amp: bool = False,
+             preprocess: str = "tensor"):
     """(stride-4 CAMs (K', ceil(H/4), ceil(W/4)), full CAMs (K', H, W)) float32 of one RGB uint8 image for `keys`.
 
     `net`: a CAMNet or a CamLabeler; the rule is `wsclip.label.cam_labeler.multiscale_cams`, the same
@@ -36,7 +37,7 @@ def cam_maps(net, image, keys, scales: Sequence[float] = DEFAULT_SCALES, flip: b
     from wsclip.label.cam_labeler import CamLabeler
 
     lab = net if isinstance(net, CamLabeler) else CamLabeler(net, [str(k) for k in range(net.num_classes)],
-                                                             scales=scales, flip=flip)
+                                                             scales=scales, flip=flip, preprocess=preprocess)
     device = next(lab.parameters()).device
     x = torch.from_numpy(np.require(image, np.uint8, ["C", "W"])).permute(2, 0, 1)[None].to(device)
     keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1).to(device)
@@ -69,6 +70,7 @@ def make_cams(
     on_image: Callable[[str], None] | None = None,
     restart: bool = False,
     on_error: str = "skip",
+    compat: str = "wsclip",
 ) -> dict:
     """Write `<out_dir>/<id>.npz` CAMs for every image of `data` (a spec or a dataset); resumable (`wsclip.jobs`).
 
@@ -99,8 +101,12 @@ def make_cams(
         )
     if not scales or any(s <= 0 for s in scales):
         raise WsclipError(f"scales must be positive numbers, got {list(scales)}")
-    lab = CamLabeler(net, list(ds.classes), scales=scales, flip=True).to(dev)
-    settings = {"method": "clims", "checkpoint": source, "scales": [float(s) for s in scales], "amp": bool(amp)}
+    from wsclip.compat import value
+
+    preprocess = value("preprocess", compat)
+    lab = CamLabeler(net, list(ds.classes), scales=scales, flip=True, preprocess=preprocess).to(dev)
+    settings = {"method": "clims", "checkpoint": source, "scales": [float(s) for s in scales], "amp": bool(amp),
+                "preprocess": preprocess}
     with Job("cam", out_dir, settings, restart=restart, on_error=on_error, suffix=".npz", on_item=on_image) as job:
         for item in load_items(job, ds, job.start(list(ds.ids)), load_image_and_keys, num_workers):
             with job.item(item["id"]):

@@ -6,10 +6,13 @@ interpolated positional embeddings, every block but the last without gradients; 
 plus the background words; GradCAM of each class's probability at the last block's ln_1 output;
 CAA refinement with the attention of the last 8 blocks (two thirds for shallower ViTs).
 
-Differences from the public code (same maths): every ground-truth class of every image in a
-batch comes from ONE batched vector-Jacobian product (`is_grads_batched`: slot k of the batch
-holds each image's k-th class), several images of the same rounded size share one forward
-(bucketing by shape), and everything stays on the device until the CAM file is written.
+Differences from the public code (same maths): one forward for every class (the public code
+runs the last block once per class); on CUDA every ground-truth class of every image in a batch
+comes from ONE batched vector-Jacobian product (`is_grads_batched`: slot k of the batch holds
+each image's k-th class), on the CPU one VJP per slot (the batched one holds a copy of every
+attention gradient per slot: memory); several images of the same rounded size share one
+forward (bucketing by shape; on the CPU up to CPU_TOKENS_PER_PASS tokens), attention maps are
+averaged in place, and everything stays on the device until the CAM file is written.
 
 CAM file (`<id>.npz`, shared with `wsclip.label.clims_cam`): "keys" (K',) int64 0-based classes,
 "cam" (K', h, w) float16 at patch resolution, "high_res" (K', H, W) float16 at image size; with
@@ -31,11 +34,20 @@ import torch.nn.functional as F
 from wsclip.errors import ShapeError, WsclipError
 from wsclip.formats import write_cam_file
 from wsclip.runtime import precision
+from wsclip.stages import stage
 
 __all__ = ["ClipEsConfig", "ClipEs", "gradcam_minmax", "rounded_size", "caa_layer_indices", "write_cam_npz", "bucket_by_shape",
            "make_clip_es_cams", "caa_refine_cam_files"]
 
 POOLINGS = ("tokens", "mean")
+COMPUTE = ("auto", "fp32", "bf16")
+#: relative error (L2) of bf16 GradCAM and CAA maps against fp32 that `compute="auto"` accepts: the
+#: low-precision tolerance of the clip-es-label benchmark check
+BF16_TOLERANCE = 5e-2
+#: patch tokens per ViT pass on the CPU: at VOC sizes (1000+ tokens) one image already fills the cores and
+#: a batch only multiplies the memory (attention maps, the last block's activations per class); small
+#: images are still batched up to this many tokens
+CPU_TOKENS_PER_PASS = 1024
 
 
 @dataclass
@@ -55,7 +67,10 @@ class ClipEsConfig:
     caa_layers: int | None = None  # last blocks whose attention CAA averages (default 8 of 12)
     pooling: str = "tokens"  # 'tokens': ln_post per patch token, then mean (public code); 'mean': ln_post(mean)
     batch_size: int = 8
-    backend: str = "auto"
+    caa_backend: str = "auto"  # CAA kernels: auto, triton, torch
+    compute: str | None = None  # frozen blocks 1..n-1: fp32, bf16 (autocast), auto (bf16 where the CPU has it and
+    #                        the first image's maps match fp32 within BF16_TOLERANCE, and it is faster);
+    #                        None: auto, or fp32 under --compat official
 
 
 def rounded_size(hw, patch: int) -> tuple[int, int]:
@@ -96,6 +111,8 @@ class ClipEs:
             raise WsclipError(f"unknown preprocess {cfg.preprocess!r}: use 'tensor' or 'pil'")
         if cfg.pooling not in POOLINGS:
             raise WsclipError(f"unknown pooling {cfg.pooling!r}: use one of {', '.join(POOLINGS)}")
+        if cfg.compute not in COMPUTE:
+            raise WsclipError(f"unknown compute {cfg.compute!r}: use one of {', '.join(COMPUTE)}")
         if not clip.is_vit:
             raise WsclipError(f"CLIP-ES needs a ViT CLIP; {clip.name} has a {type(clip.model.visual).__name__} image tower")
         self.clip = clip
@@ -118,6 +135,8 @@ class ClipEs:
         self.patch = int(clip.patch_size)
         self.n_blocks = len(clip.model.visual.transformer.resblocks)
         self.attn_layers = caa_layer_indices(self.n_blocks, cfg.caa_layers) if cfg.caa else []
+        self.compute = cfg.compute if cfg.compute != "auto" else None  # resolved on the first batch
+        self.probe: dict | None = None
 
     # ------------------------------------------------------------------ pieces
     def preprocess(self, image) -> torch.Tensor:
@@ -174,51 +193,105 @@ class ClipEs:
         if (keys >= K).any():
             raise ShapeError(f"class index {int(keys.max())} out of range for {K} classes")
         keys = keys.to(self.device)
+        if self.compute is None:
+            self.compute = self._choose_compute()
+        return self._run(pixels, keys, self.compute)
+
+    def _choose_compute(self) -> str:
+        """`compute="auto"`: bf16 on a CPU that runs it natively (where the clip-es-label benchmark and
+        `wsclip profile` measure it faster) when its maps on a fixed probe image match fp32 within
+        BF16_TOLERANCE; else fp32. No timing decides it, so every run (and a resumed one) chooses alike."""
+        import time
+
+        from wsclip.label.backends import cpu_has_bf16
+
+        if self.device.type != "cpu" or not cpu_has_bf16():
+            return "fp32"
+        gen = torch.Generator().manual_seed(0)  # a smooth random 224 px image, the same every time
+        img = F.interpolate(torch.rand(1, 3, 14, 14, generator=gen), size=(224, 224), mode="bilinear")
+        pixels = self.preprocess((img[0].permute(1, 2, 0) * 255).to(torch.uint8))[None]
+        keys = torch.tensor([[0, min(1, self.fg_text.shape[0] - 1)]], device=self.device)
+        runs = {}
+        for mode in ("fp32", "bf16"):
+            t = time.perf_counter()
+            runs[mode] = (self._run(pixels, keys, mode), time.perf_counter() - t)
+        (ref, t32), (low, t16) = runs["fp32"], runs["bf16"]
+        errs = {k: float((low[k] - ref[k]).norm() / ref[k].norm().clamp_min(1e-30))
+                for k in ("raw", "refined") if ref[k] is not None}
+        ok = all(e <= BF16_TOLERANCE for e in errs.values())
+        self.probe = {"seconds": {"fp32": t32, "bf16": t16}, "rel_err": errs, "bf16_ok": ok}
+        return "bf16" if ok else "fp32"
+
+    def _run(self, pixels: torch.Tensor, keys: torch.Tensor, compute: str) -> dict:
         B, S = keys.shape
-        trace = self.clip.vit_forward(pixels, attn_layers=self.attn_layers)
-        h, w = trace.grid
-        probs = self.class_probs(self.image_embedding(trace), keys)
+        with stage("forward", self.device):
+            trace = self.clip.vit_forward(pixels, attn_layers=self.attn_layers, attn_mean=True,
+                                          frozen_dtype=torch.bfloat16 if compute == "bf16" else None)
+            h, w = trace.grid
+            probs = self.class_probs(self.image_embedding(trace), keys)
         valid = keys >= 0
         raw = torch.zeros(B, S, h, w, device=self.device)
         if S and valid.any():
-            # slot s of grad_outputs selects, for every image at once, its s-th class probability
-            onehot = torch.zeros(S, B, probs.shape[1], device=self.device, dtype=probs.dtype)
-            b_idx, s_idx = torch.nonzero(valid, as_tuple=True)
-            onehot[s_idx, b_idx, keys[b_idx, s_idx]] = 1.0
-            (grads,) = torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot, is_grads_batched=True)
-            acts = trace.ln1.detach()[:, 1:].float()  # (B, N, C)
-            weights = grads[:, :, 1:].float().mean(dim=2)  # (S, B, C): spatial mean of each channel's gradient
-            cam = torch.einsum("sbc,bnc->bsn", weights, acts).clamp_min(0).reshape(B, S, h, w)
-            raw = gradcam_minmax(cam) * valid[:, :, None, None]
+            with stage("backward", self.device):
+                # slot s of grad_outputs selects, for every image at once, its s-th class probability
+                onehot = torch.zeros(S, B, probs.shape[1], device=self.device, dtype=probs.dtype)
+                b_idx, s_idx = torch.nonzero(valid, as_tuple=True)
+                onehot[s_idx, b_idx, keys[b_idx, s_idx]] = 1.0
+                if self.device.type == "cuda":
+                    (grads,) = torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot, is_grads_batched=True)
+                else:  # one slot at a time: the batched VJP holds S copies of every attention gradient at once
+                    grads = torch.stack([torch.autograd.grad(probs, trace.ln1, grad_outputs=onehot[k],
+                                                             retain_graph=k < S - 1)[0] for k in range(S)])
+                acts = trace.ln1.detach()[:, 1:].float()  # (B, N, C)
+                weights = grads[:, :, 1:].float().mean(dim=2)  # (S, B, C): spatial mean of each channel's gradient
+                cam = torch.einsum("sbc,bnc->bsn", weights, acts).clamp_min(0).reshape(B, S, h, w)
+                raw = gradcam_minmax(cam) * valid[:, :, None, None]
+        trace.tokens = None  # the last block's activations are not needed any more
         refined = None
         if self.cfg.caa:
-            from wsclip.refine.caa import refine_from_attention
-
-            attn = torch.stack(trace.attn).mean(0)[:, 1:, 1:].float()  # (B, N, N), layers and heads averaged
-            if self.cfg.box_compat:
-                from wsclip.refine.caa import box_mask, refine, transition
-
-                masks = torch.stack([box_mask(m, self.box_threshold, compat=True)
-                                     for m in raw.reshape(-1, h, w)]).reshape(raw.shape)
-                refined = refine(raw, transition(attn, backend=self.cfg.backend), masks, backend=self.cfg.backend)
-            else:
-                refined = refine_from_attention(attn, raw, self.box_threshold, backend=self.cfg.backend)
-            refined = refined * valid[:, :, None, None]
+            with stage("caa", self.device):
+                refined = self._caa(trace.attn[0][:, 1:, 1:], raw, h, w) * valid[:, :, None, None]
         return {"raw": raw.detach(), "refined": None if refined is None else refined.detach(), "probs": probs.detach()}
+
+    def _caa(self, attn: torch.Tensor, raw: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """CAA maps (B, S, h, w) from the layer- and head-averaged attention (B, N, N) without the CLS token."""
+        from wsclip.refine.caa import refine_from_attention
+
+        attn = attn.float()
+        if self.cfg.box_compat:
+            from wsclip.refine.caa import box_mask, refine, transition
+
+            masks = torch.stack([box_mask(m, self.box_threshold, compat=True)
+                                 for m in raw.reshape(-1, h, w)]).reshape(raw.shape)
+            return refine(raw, transition(attn, backend=self.cfg.caa_backend), masks, backend=self.cfg.caa_backend)
+        return refine_from_attention(attn, raw, self.box_threshold, backend=self.cfg.caa_backend)
 
     def label(self, images: Sequence, keys: Sequence) -> list[dict]:
         """CAMs of images (uint8 (H, W, 3), all with the same rounded size) and their 0-based class lists.
 
         Returns per image {"keys", "cam", "high_res"[, "high_res_raw"]} as float32 tensors on the device.
         """
-        if not len(images):
-            return []
-        pixels = torch.stack([self.preprocess(im) for im in images])
+        step = len(images)
+        if self.device.type == "cpu" and len(images):
+            h, w = rounded_size(images[0].shape[:2], self.patch)
+            step = max(1, CPU_TOKENS_PER_PASS // ((h // self.patch) * (w // self.patch)))
+        out: list[dict] = []
+        for s0 in range(0, len(images), step):
+            out += self._label(images[s0:s0 + step], keys[s0:s0 + step])
+        return out
+
+    def _label(self, images: Sequence, keys: Sequence) -> list[dict]:
+        with stage("preprocess", self.device):
+            pixels = torch.stack([self.preprocess(im) for im in images])
         S = max((len(k) for k in keys), default=0)
         kt = torch.full((len(images), S), -1, dtype=torch.long)
         for i, k in enumerate(keys):
             kt[i, : len(k)] = torch.as_tensor(list(k), dtype=torch.long)
         res = self.forward(pixels, kt)
+        with stage("postprocess", self.device):
+            return self._items(images, keys, res)
+
+    def _items(self, images, keys, res) -> list[dict]:
         out = []
         for i, im in enumerate(images):
             n = len(keys[i])
@@ -405,7 +478,7 @@ def _caa_refine_one(clip, labeler: ClipEs, ds, src: Path, dst: Path, key: str, c
     low = gradcam_minmax(F.interpolate(maps[None], size=(h, w), mode="area")) if len(maps) else maps.new_zeros(1, 0, h, w)
     if cfg.box_compat:
         masks = torch.stack([box_mask(m, labeler.box_threshold, compat=True) for m in low[0]])[None]
-        refined = refine(low, transition(attn, backend=cfg.backend), masks, backend=cfg.backend)[0]
+        refined = refine(low, transition(attn, backend=cfg.caa_backend), masks, backend=cfg.caa_backend)[0]
     else:
-        refined = refine_from_attention(attn, low, labeler.box_threshold, backend=cfg.backend)[0]
+        refined = refine_from_attention(attn, low, labeler.box_threshold, backend=cfg.caa_backend)[0]
     write_cam_file(dst, z["keys"], refined, _upsample(refined, image.shape[:2]), high_res_raw=maps)

@@ -1,9 +1,11 @@
 """CAM network (METHODS.md section 2): ResNet at output stride 16 with a bias-free 1x1 head.
 
 Backbones: "resnet50" (default; ImageNet weights from a local torchvision state dict),
-"resnet18", and "tiny" (a 4-stage BasicBlock ResNet, widths 16-128) for CPU tests and
-the synthetic world. All have strides (2, 2, 2, 1): conv1 2, maxpool 2, layer2 2,
-layer3 2, layer4 1 (no dilation), so a 512 crop gives a 32x32 map.
+"resnet18", and "tiny" (a 4-stage BasicBlock ResNet, widths 16-128) for CPU tests. All have
+strides (2, 2, 2, 1): conv1 2, maxpool 2, layer2 2, layer3 2, layer4 1 (no dilation), so a
+512 crop gives a 32x32 map. "tiny-s8" is a tiny one at output stride 8 (strides
+(2, 2, 1, 1): layer3 keeps stride 1; widths 16-64), the synthetic world's backbone: a 128 px image
+gives a 16x16 map. `CAMNet.stride` and `backbone_strides` tell the strides.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ import torch.nn.functional as F
 from wsclip.errors import CheckpointError, MissingFileError, WsclipError
 
 KIND = "camnet"
-BACKBONES = ("resnet50", "resnet18", "tiny")
+BACKBONES = ("resnet50", "resnet18", "tiny", "tiny-s8")
 TINY_WIDTHS = (16, 32, 64, 128)
+TINY_S8_WIDTHS = (16, 32, 64, 64)
+#: output stride of each backbone (the stem's conv1 + maxpool give 4)
+OUTPUT_STRIDE = {"resnet50": 16, "resnet18": 16, "tiny": 16, "tiny-s8": 8}
 
 
 class TinyResNet(nn.Module):
     """ResNet with one BasicBlock per stage and small widths (torchvision blocks)."""
 
-    def __init__(self, widths: Sequence[int] = TINY_WIDTHS):
+    def __init__(self, widths: Sequence[int] = TINY_WIDTHS, strides: Sequence[int] = (1, 2, 2, 1)):
         super().__init__()
         from torchvision.models.resnet import BasicBlock
 
@@ -35,7 +40,7 @@ class TinyResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         cin = w0
-        for i, (w, stride) in enumerate(zip(widths, (1, 2, 2, 1))):
+        for i, (w, stride) in enumerate(zip(widths, strides)):
             down = None
             if stride != 1 or cin != w:
                 down = nn.Sequential(nn.Conv2d(cin, w, 1, stride, bias=False), nn.BatchNorm2d(w))
@@ -45,6 +50,24 @@ class TinyResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         self.out_channels = cin
+
+
+def backbone_strides(name: str) -> tuple[int, int, int, int, int]:
+    """Stride of the stem and of layer1..layer4 outputs relative to the input, e.g. (4, 4, 8, 16, 16)."""
+    if name not in OUTPUT_STRIDE:
+        raise WsclipError(f"unknown CAM backbone '{name}': use one of {', '.join(BACKBONES)}")
+    return (4, 4, 8, OUTPUT_STRIDE[name], OUTPUT_STRIDE[name])
+
+
+def build_backbone(name: str) -> nn.Module:
+    """The ResNet trunk of a CAM network (no classifier), strides as `backbone_strides(name)`."""
+    if name == "tiny":
+        return TinyResNet()
+    if name == "tiny-s8":  # stride 8 with layer4 at 64 channels: about the cost of "tiny" on 2x the pixels
+        return TinyResNet(TINY_S8_WIDTHS, strides=(1, 2, 1, 1))
+    net = torchvision_resnet(name)
+    _set_last_stride_1(net)
+    return net
 
 
 def torchvision_resnet(name: str) -> nn.Module:
@@ -99,9 +122,9 @@ def load_imagenet_weights(backbone: nn.Module, path) -> None:
 
 
 class CAMNet(nn.Module):
-    """ResNet backbone (output stride 16) + bias-free 1x1 classifier.
+    """ResNet backbone (output stride `self.stride`: 16, 8 for "tiny-s8") + bias-free 1x1 classifier.
 
-    forward(x) returns the raw (B, K, H/16, W/16) 1x1-conv maps (no activation).
+    forward(x) returns the raw (B, K, H/stride, W/stride) 1x1-conv maps (no activation).
     """
 
     def __init__(self, backbone: str = "resnet50", num_classes: int = 20):
@@ -110,9 +133,8 @@ class CAMNet(nn.Module):
             raise WsclipError(f"unknown CAM backbone '{backbone}': use one of {', '.join(BACKBONES)}")
         self.backbone_name = backbone
         self.num_classes = int(num_classes)
-        self.backbone = TinyResNet() if backbone == "tiny" else torchvision_resnet(backbone)
-        if backbone != "tiny":
-            _set_last_stride_1(self.backbone)
+        self.stride = OUTPUT_STRIDE[backbone]
+        self.backbone = build_backbone(backbone)
         self.classifier = nn.Conv2d(self.backbone.out_channels, self.num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.classifier.weight)
         self._bn_frozen = False

@@ -169,14 +169,14 @@ class ClipModel:
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def vit_forward(self, pixels: torch.Tensor, attn_layers=None) -> ViTTrace:
-        """CLIP-ES access to the ViT: see `wsclip.models.clip_vit.vit_forward` and `ViTTrace`."""
+    def vit_forward(self, pixels: torch.Tensor, attn_layers=None, **options) -> ViTTrace:
+        """CLIP-ES access to the ViT: see `wsclip.models.clip_vit.vit_forward` (options) and `ViTTrace`."""
         from wsclip.models.clip_vit import vit_forward
 
         if not self.is_vit:
             raise CheckpointError(f"{self.name} has a {type(self.model.visual).__name__} image tower, not a ViT: "
                                   "CLIP-ES needs a ViT CLIP (e.g. ViT-B-16); load a ViT checkpoint")
-        return vit_forward(self.model.visual, pixels.to(self.device), attn_layers)
+        return vit_forward(self.model.visual, pixels.to(self.device), attn_layers, **options)
 
 
 def _pil_bicubic(x: torch.Tensor, hw) -> torch.Tensor:

@@ -80,6 +80,9 @@ def check_vit(visual) -> None:
                               "attentional pooling); use a plain OpenAI/open_clip ViT")
 
 
+MAP_CHUNK_BYTES = 16 * 2**20  # float32 attention probabilities computed at once (a ViT-B/16 head at 513 px: 4.7 MB)
+
+
 def _attention(blk, q_in: torch.Tensor, want_map: bool):
     """Self-attention of a ResidualAttentionBlock on its ln_1 output; returns (output, head-mean map or None)."""
     attn = blk.attn
@@ -88,11 +91,18 @@ def _attention(blk, q_in: torch.Tensor, want_map: bool):
     qkv = F.linear(q_in, attn.in_proj_weight, attn.in_proj_bias)
     q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d) each
     amap = None
-    if want_map:
-        logits = (q.float() * (c // heads) ** -0.5) @ k.float().transpose(-2, -1)
-        probs = logits.softmax(dim=-1)
-        out = probs.to(v.dtype) @ v
-        amap = probs.detach().mean(dim=1)
+    if want_map:  # heads in chunks of at most MAP_CHUNK_BYTES of float32 maps: all heads' maps never exist at once
+        scale = (c // heads) ** -0.5
+        step = max(1, MAP_CHUNK_BYTES // (4 * b * n * n))
+        outs = []
+        for h0 in range(0, heads, step):
+            hs = slice(h0, h0 + step)
+            probs = ((q[:, hs].float() * scale) @ k[:, hs].float().transpose(-2, -1)).softmax(dim=-1)
+            outs.append(probs.to(v.dtype) @ v[:, hs])
+            part = probs.detach().sum(dim=1)
+            amap = part if amap is None else amap.add_(part)
+        out = torch.cat(outs, dim=1)
+        amap = amap.div_(heads)
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     out = out.transpose(1, 2).reshape(b, n, c)
@@ -121,11 +131,16 @@ def embed_patches(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int
     return visual.ln_pre(x), (int(h), int(w))
 
 
-def vit_forward(visual, pixels: torch.Tensor, attn_layers=None) -> ViTTrace:
+def vit_forward(visual, pixels: torch.Tensor, attn_layers=None, attn_mean: bool = False,
+                frozen_dtype: torch.dtype | None = None) -> ViTTrace:
     """Run a CLIP ViT on (B, 3, H, W) pixels (H, W multiples of the patch size) for CLIP-ES.
 
     Blocks 1..n-1 run without gradients, the last block with gradients from `ln1`. `attn_layers`:
     0-based block indices whose head-averaged attention maps are returned, in that order (negative allowed).
+    `attn_mean`: return one map, their mean, summed in place as the blocks run (one (B, N, N) buffer
+    instead of one per layer). `frozen_dtype` (e.g. torch.bfloat16): blocks 1..n-1 run under autocast
+    to it (matrix products in that dtype, the residual stream and the maps in float32); the last block,
+    whose gradient GradCAM takes, always runs in the model's dtype.
     """
     check_vit(visual)
     blocks = visual.transformer.resblocks
@@ -145,20 +160,38 @@ def vit_forward(visual, pixels: torch.Tensor, attn_layers=None) -> ViTTrace:
         raise ShapeError(f"image size {tuple(pixels.shape[-2:])} is not a multiple of the patch size {ph}: "
                          "resize it (e.g. round H and W up to a multiple of the patch size)")
     maps: dict[int, torch.Tensor] = {}
+
+    def keep(i: int, amap: torch.Tensor) -> None:
+        if not attn_mean:
+            maps[i] = amap
+        elif maps:
+            maps[-1].add_(amap)
+        else:
+            maps[-1] = amap.float()
+
+    dtype = visual.conv1.weight.dtype
+    from wsclip.runtime import autocast_to
+
+    low = autocast_to(pixels.device, frozen_dtype)
     with torch.no_grad():
-        x, grid = embed_patches(visual, pixels.to(visual.conv1.weight.dtype))
-        for i, blk in enumerate(blocks[:-1]):
-            x, amap = block_forward(blk, x, want_map=i in wanted)
-            if amap is not None:
-                maps[i] = amap
+        with low:
+            x, grid = embed_patches(visual, pixels.to(dtype))
+            for i, blk in enumerate(blocks[:-1]):
+                x, amap = block_forward(blk, x, want_map=i in wanted)
+                if amap is not None:
+                    keep(i, amap)
+        x = x.to(dtype)
         last = blocks[-1]
         ln1 = last.ln_1(x).detach().requires_grad_(True)
     with torch.enable_grad():
         x, amap = block_forward(last, x, want_map=(n_blocks - 1) in wanted, ln1=ln1)
         if amap is not None:
-            maps[n_blocks - 1] = amap
+            keep(n_blocks - 1, amap)
         pooled = visual.ln_post(x[:, 1:].mean(dim=1))
         if visual.proj is not None:
             pooled = pooled @ visual.proj
-    return ViTTrace(image_features=pooled.float(), ln1=ln1, attn=[maps[i] for i in order],
-                    grid=grid, tokens=x)
+    if attn_mean:
+        attn = [maps[-1].div_(len(order))] if order else []
+    else:
+        attn = [maps[i] for i in order]
+    return ViTTrace(image_features=pooled.float(), ln1=ln1, attn=attn, grid=grid, tokens=x)

@@ -1,8 +1,9 @@
 """IRNet's class-boundary network (METHODS.md section 6): a frozen ResNet and a trained edge branch.
 
-The backbone is the CAM network's (wsclip.models.camnet: resnet50, resnet18 or tiny, strides
-(2, 2, 2, 1)); it is frozen, BatchNorm statistics included. The edge branch reads the five
-stages (stem at stride 4, layer1 at 4, layer2 at 8, layer3 and layer4 at 16): each goes
+The backbone is the CAM network's (wsclip.models.camnet: resnet50, resnet18, tiny or tiny-s8,
+strides (2, 2, 2, 1) or (2, 2, 1, 1)); it is frozen, BatchNorm statistics included. The edge
+branch reads the five stages (stem at stride 4, layer1 at 4, layer2 at 8, layer3 and layer4
+at 16, or at 8 for tiny-s8): each goes
 through a 1x1 conv to 32 channels, GroupNorm(4), an upsampling to stride 4 and a ReLU; the
 concatenation (160 channels) goes through a 1x1 conv with bias to one boundary logit.
 `forward` returns logits of shape (B, 1, ceil(H/4), ceil(W/4)); `boundary` their sigmoid.
@@ -46,13 +47,13 @@ class IRNEdgeNet(nn.Module):
 
     def __init__(self, backbone: str = "resnet50", pretrained=None, width: int = BRANCH_WIDTH):
         super().__init__()
-        from wsclip.models.camnet import build_camnet
+        from wsclip.models.camnet import backbone_strides, build_camnet
 
         self.backbone_name = backbone
         self.backbone = build_camnet(backbone, 1, pretrained).backbone
         self.backbone.requires_grad_(False)
         chans = _stage_channels(self.backbone)
-        scales = (1, 1, 2, 4, 4)
+        scales = [s // 4 for s in backbone_strides(backbone)]
         self.edge_branches = nn.ModuleList(_Branch(c, width, s) for c, s in zip(chans, scales))
         self.edge_out = nn.Conv2d(width * len(chans), 1, 1, bias=True)
         self.train()

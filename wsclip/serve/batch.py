@@ -1,9 +1,10 @@
 """`wsclip label`: label a folder, glob, list file or VOC/COCO split with any labeler, pipelined and resumable.
 
-Pipeline: DataLoader workers decode images (or, on CUDA, read JPEG bytes for nvJPEG decoding on
-the GPU) -> the main thread runs the labeler on windows of images -> refinement (CRF) and file
-encoding (palette PNG, CAM .npz, overlay) run in a worker pool while the next window is on the
-device. Outputs, under --out:
+Pipeline: a reader thread (CPU) or DataLoader workers (CUDA) decode images (or, on CUDA, read
+JPEG bytes for nvJPEG decoding on the GPU) -> the main thread runs the labeler on windows of
+images -> refinement (CRF) and file encoding (palette PNG, CAM .npz, overlay) run in a worker
+pool while the next window is on the device (`plan_workers` sets the thread budget).
+Outputs, under --out:
 
     <id>.png                palette mask (0 background, k class k, 255 ignore)
     cams/<id>.npz           with --cams: keys, cam (stride 4), high_res (the `wsclip cam` format)
@@ -29,10 +30,12 @@ from __future__ import annotations
 import glob as globlib
 import json
 import os
+from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +43,7 @@ import torch
 from wsclip.errors import DatasetLayoutError, MissingFileError, WsclipError
 from wsclip.jobs import MANIFEST, ON_ERROR, Job, Manifest, error_record  # noqa: F401 - re-exported
 from wsclip.serve.labelers import LabelerConfig, LabelResult, host_image
+from wsclip.stages import stage
 from wsclip.workers import die_with_parent
 
 CONFIG_FILE = "label_config.json"
@@ -317,14 +321,22 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions,
 
     `path`: the image's file, recorded for `wsclip review` and the mask exports.
     """
-    from wsclip.io import atomic_write_bytes, encode_mask_png
-    from wsclip.serve.labelers import mask_annotations, refine_result
+    from wsclip.serve.labelers import refine_result
 
-    out = Path(opts.out)
     image = host_image(image) if (opts.crf or opts.overlays) and image is not None else None
     before = result.mask.copy() if opts.crf and result.crf_scores is not None else None
     if opts.crf:
-        result = refine_result(image, result)
+        with stage("crf"):
+            result = refine_result(image, result)
+    with stage("encode"):
+        return _write_outputs(image_id, image, result, opts, path, before)
+
+
+def _write_outputs(image_id: str, image, result: LabelResult, opts: OutputOptions, path, before) -> dict:
+    from wsclip.io import atomic_write_bytes, encode_mask_png
+    from wsclip.serve.labelers import mask_annotations
+
+    out = Path(opts.out)
     mask = result.mask
     files = []
     if opts.cams and result.cams is not None:
@@ -396,13 +408,14 @@ def load_item(source: ImageSource, i: int, raw_jpeg: bool = False) -> tuple:
     """(index, id, image or JPEG bytes, labels, error message or None) of input i."""
     image_id = source.ids[i]
     try:
-        if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
-            from wsclip.io import open_image, plain_jpeg
+        with stage("read"):
+            if raw_jpeg and (p := source.path(i)) is not None and p.suffix.lower() in (".jpg", ".jpeg"):
+                from wsclip.io import open_image, plain_jpeg
 
-            image = p.read_bytes()  # for the GPU decoder, unless it needs open_image (CMYK, EXIF, huge, broken)
-            image = image if plain_jpeg(image) else open_image(p)
-        else:
-            image = source.load(i)
+                image = p.read_bytes()  # for the GPU decoder, unless it needs open_image (CMYK, EXIF, huge, broken)
+                image = image if plain_jpeg(image) else open_image(p)
+            else:
+                image = source.load(i)
         return i, image_id, image, source.label(i), None
     except (WsclipError, OSError) as exc:
         return i, image_id, None, None, str(exc)
@@ -463,8 +476,8 @@ class LabelRunConfig:
 
     out: Path
     window: int | None = None         # images per window (default 4 batches)
-    workers: int = 2                  # DataLoader decode workers
-    post_workers: int = 2             # refinement / encoding workers (0: in the main thread)
+    workers: int | None = None        # DataLoader decode processes (None: `plan_workers`; 0: a reader thread)
+    post_workers: int | None = None   # refinement / encoding workers (None: `plan_workers`; 0: the main thread)
     on_error: str = "skip"
     cams: bool = False
     overlays: bool = False
@@ -506,6 +519,35 @@ def label_job(labeler_cfg: LabelerConfig, run: LabelRunConfig, window: int, sour
 def plan_windows(source: ImageSource, window: int, done: set[str]) -> list[range]:
     """The windows of the input order that hold an image not finished yet."""
     return [w for w in windows(len(source), window) if any(source.ids[i] not in done for i in w)]
+
+
+def plan_workers(run: LabelRunConfig, device: torch.device, crf: bool) -> tuple[int, int]:
+    """(decode processes, refinement/encoding workers): the thread budget of a run.
+
+    On the CPU the network's threads already use every core; decode processes and an encoding
+    pool beside them oversubscribe the cores (every oversubscribed OpenMP region waits for its
+    slowest thread). So decoding runs in one reader thread of this process (PIL and zlib release
+    the GIL: it overlaps compute without an extra process) and encoding in one thread (its fsync
+    waits overlap too); a CRF pool gets one process. On CUDA the CPU is free for them: 2 decode
+    processes and 2 workers. Values given in `run` are kept.
+    """
+    cpu = device.type == "cpu"
+    workers = run.workers if run.workers is not None else (0 if cpu else 2)
+    post = run.post_workers if run.post_workers is not None else (1 if cpu else 2)
+    return max(0, int(workers)), max(0, int(post))
+
+
+def _read_ahead(source: ImageSource, order: Sequence[int], raw_jpeg: bool, ahead: int) -> Iterator[tuple]:
+    """load_item over `order` in one reader thread, up to `ahead` items in advance (overlaps decoding)."""
+    todo = iter(order)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsclip-read") as reader:
+        pending = deque(reader.submit(load_item, source, i, raw_jpeg) for i in islice(todo, max(1, ahead)))
+        while pending:
+            item = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(reader.submit(load_item, source, nxt, raw_jpeg))
+            yield item
 
 
 def _make_pool(n: int, crf: bool) -> Executor | None:
@@ -586,12 +628,16 @@ def _run(labeler, source: ImageSource, run: LabelRunConfig, job: Job, window: in
         raise MissingFileError(f"ground-truth folder not found: {run.gt} (give a folder of <id>.png masks)")
     gpu_jpeg = _decoder(labeler, run) == "nvjpeg"
     order = [i for w in wins for i in w]
-    loader = torch.utils.data.DataLoader(
-        _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=max(0, run.workers),
-        collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
-        prefetch_factor=(2 * window // max(1, run.workers) + 1) if run.workers > 0 else None)
-    pool = _make_pool(run.post_workers, opts.crf)
-    limit = max(2 * window, 4 * max(1, run.post_workers))
+    workers, post_workers = plan_workers(run, labeler.device, opts.crf)
+    if workers > 0:
+        loader = torch.utils.data.DataLoader(
+            _Items(source, order, gpu_jpeg), batch_size=None, shuffle=False, num_workers=workers,
+            collate_fn=_identity, worker_init_fn=die_with_parent, persistent_workers=False,
+            prefetch_factor=2 * window // workers + 1)
+    else:
+        loader = _read_ahead(source, order, gpu_jpeg, ahead=window)
+    pool = _make_pool(post_workers, opts.crf)
+    limit = max(2 * window, 4 * max(1, post_workers))
     try:
         it = iter(loader)
         for w in wins:
@@ -619,6 +665,8 @@ def _run(labeler, source: ImageSource, run: LabelRunConfig, job: Job, window: in
                 break
         job.drain(keep=0)
     finally:
+        if not isinstance(loader, torch.utils.data.DataLoader):
+            loader.close()  # the reader thread stops
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)  # running items finish and write their records
     job.raise_failure()

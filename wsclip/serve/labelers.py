@@ -38,13 +38,16 @@ from wsclip.config import opt, parse_numbers
 from wsclip.errors import CheckpointError, ShapeError, WsclipError
 from wsclip.formats import mask_annotations, rle_decode, rle_encode  # noqa: F401 - re-exported
 from wsclip.label.masks import background_argmax
+from wsclip.label.backends import Variant
 from wsclip.runtime import precision
 from wsclip.label.pseudo import PseudoConfig, scores_to_mask, stack_scores
+from wsclip.stages import stage
 
 METHODS = ("auto", "cam", "seg", "clip-es")
 REFINEMENTS = ("none", "crf", "irn")
 PREDICTORS = ("auto", "cam", "clip", "none")
 ZERO_SHOT_TEMPLATE = "a photo of {}."
+CPU_BATCH_PIXELS = 320 * 320  # see Labeler._split_for_cpu
 _READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 
 
@@ -68,6 +71,8 @@ class LabelerConfig:
     scales: tuple[float, ...] = opt((1.0,), "comma-separated test scales (CAM/seg PyTorch backend)", parse=parse_numbers)
     flip: bool = opt(False, "add horizontal-flip views")
     amp: bool = opt(False, "bf16 autocast on CUDA (PyTorch backend)")
+    backend: str = opt("auto", "PyTorch networks: auto (probed on the CPU), eager, channels-last, bf16, compile "
+                       "(wsclip.label.backends); clip-es: auto, eager (fp32) or bf16")
     threads: int | None = opt(None, "CPU threads for PyTorch / ONNX Runtime")
     classes: str | None = opt(None, "[clip-es] class list: voc, coco or a file with one name per line (default voc)")
     compat: str = opt("wsclip", "official: every behaviour of the public code (docs/compat.md); default wsclip's",
@@ -203,6 +208,7 @@ class Labeler:
         from wsclip.refine.crf import CRFParams
 
         self.crf_params = resolve(CRFParams(), cfg.compat)  # the --compat official CRF image (BGR, uint8 wrap)
+        self.variant: str | None = None  # PyTorch modules: the backend variant once resolved
 
     @property
     def num_classes(self) -> int:
@@ -212,22 +218,46 @@ class Labeler:
         """Short description for logs, /health and summaries."""
         return {"method": self.method, "backend": self.backend, "device": str(self.device),
                 "classes": len(self.classes), "refine": self.refine, "batch_size": self.batch_size,
+                "variant": self.variant,
                 "predict": {_OwnScores: "cam-scores", ClipZeroShot: "clip-zero-shot"}.get(type(self.predictor), "none")}
 
     def label_batch(self, images: Sequence[np.ndarray], labels: Sequence | None = None,
                     want_cams: bool = False) -> list[LabelResult]:
         """Label RGB uint8 (H, W, 3) images; `labels[i]` a (K,) 0/1 vector or None (predicted when needed)."""
-        images = list(images)
-        _check_images(images)
-        labels = [None] * len(images) if labels is None else list(labels)
-        if len(labels) != len(images):
-            raise ShapeError(f"{len(labels)} label vectors for {len(images)} images")
-        labels = [self._check_labels(y) for y in labels]
+        with stage("preprocess"):  # input checks and the batch plan
+            images = list(images)
+            _check_images(images)
+            labels = [None] * len(images) if labels is None else list(labels)
+            if len(labels) != len(images):
+                raise ShapeError(f"{len(labels)} label vectors for {len(images)} images")
+            labels = [self._check_labels(y) for y in labels]
+            plan = [run for idx in plan_batches([image_hw(im) for im in images], self.batch_size)
+                    for run in self._split_for_cpu(idx, image_hw(images[idx[0]]))]
         out: list[LabelResult | None] = [None] * len(images)
-        for idx in plan_batches([image_hw(im) for im in images], self.batch_size):
-            for i, r in zip(idx, self._run_group([images[i] for i in idx], [labels[i] for i in idx], want_cams)):
-                out[i] = r
+        with self._threads():
+            for idx in plan:
+                for i, r in zip(idx, self._run_group([images[i] for i in idx], [labels[i] for i in idx], want_cams)):
+                    out[i] = r
         return out  # type: ignore[return-value]
+
+    def _split_for_cpu(self, idx: list[int], hw: tuple[int, int]) -> list[list[int]]:
+        """On the CPU, a PyTorch network runs at most CPU_BATCH_PIXELS pixels per call: at VOC sizes one
+        image already fills the cores, and a larger batch only adds cache misses (ResNet-50 at 513 px,
+        measured: 9% more CPU time per image at batch 4 than at batch 1); small images still batch."""
+        if self.device.type != "cpu" or getattr(self, "runner", None) is not None or \
+                getattr(self, "module", None) is None:
+            return [idx]
+        step = max(1, CPU_BATCH_PIXELS // max(1, hw[0] * hw[1]))
+        return [idx[s:s + step] for s in range(0, len(idx), step)]
+
+    def _threads(self):
+        """One torch thread around an exported network on the CPU (its runtime has its own pool)."""
+        import contextlib
+
+        from wsclip.label.backends import torch_threads
+
+        exported = getattr(self, "runner", None) is not None and self.device.type == "cpu"
+        return torch_threads(1) if exported else contextlib.nullcontext()
 
     def warmup(self, hw: tuple[int, int] = (64, 64)) -> None:
         """One run on a blank image so the first request pays no lazy initialisation."""
@@ -289,23 +319,82 @@ def _cam_results(cams: torch.Tensor, y: torch.Tensor, bg: float, want_cams: bool
     The mask is argmax over [bg, CAMs of the labelled classes] (ties to the earlier channel, so to
     the background), computed on the labelled channels only.
     """
-    out = []
-    for i in range(cams.shape[0]):
-        keys = torch.nonzero(y[i] > 0.5).flatten().to(cams.device)
-        sel = cams[i, keys]
-        m = mask[i] if mask is not None else background_argmax(sel, bg, keys)
-        r = LabelResult(mask=m.to(torch.uint8).cpu().numpy(), keys=keys.cpu().numpy().astype(np.int64),
-                        scores=scores[i], predicted=scores[i] is not None)
-        if want_cams or want_crf:
-            sel_np = sel.float().cpu().numpy()
-            if want_cams:
-                r.cams = sel_np
-                r.low = low[i, keys].float().cpu().numpy() if low is not None else None
-            if want_crf:
-                r.crf_scores = np.concatenate([np.full((1, *sel_np.shape[1:]), bg, np.float32), sel_np])
-                r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
-        out.append(r)
-    return out
+    picked = []
+    with stage("postprocess", cams.device):
+        for i in range(cams.shape[0]):
+            keys = torch.nonzero(y[i] > 0.5).flatten().to(cams.device)
+            sel = cams[i, keys]
+            m = mask[i] if mask is not None else background_argmax(sel, bg, keys)
+            picked.append((keys, sel, m.to(torch.uint8), low[i, keys] if low is not None else None))
+    with stage("d2h", cams.device):
+        return [_cam_result(keys, sel, m, lo, bg, want_cams, want_crf, s) for (keys, sel, m, lo), s in zip(picked, scores)]
+
+
+def _cam_result(keys, sel, m, low, bg, want_cams, want_crf, score) -> LabelResult:
+    """One image's LabelResult on the host from its device tensors."""
+    r = LabelResult(mask=m.cpu().numpy(), keys=keys.cpu().numpy().astype(np.int64),
+                    scores=score, predicted=score is not None)
+    if want_cams or want_crf:
+        sel_np = sel.float().cpu().numpy()
+        if want_cams:
+            r.cams = sel_np
+            r.low = low.float().cpu().numpy() if low is not None else None
+        if want_crf:
+            r.crf_scores = np.concatenate([np.full((1, *sel_np.shape[1:]), bg, np.float32), sel_np])
+            r.crf_values = np.concatenate([[0], r.keys + 1]).astype(np.uint8)
+    return r
+
+
+class _VariantSlot:
+    """The backend variant of a labeler's PyTorch module, resolved on its first batch (`--backend auto`
+    probes there on the CPU; see wsclip.serve.autobackend)."""
+
+    def __init__(self, lab: Labeler, options: dict):
+        from wsclip.label.backends import check_backend
+
+        self.lab, self.options = lab, options
+        self.name = check_backend(lab.cfg.backend)
+        self.variant = None
+        self.report = None
+
+    def get(self, x: torch.Tensor):
+        if self.variant is None:
+            from wsclip.serve.autobackend import cache_key, resolve
+
+            lab = self.lab
+            names, bg = lab.module.output_names, getattr(lab, "bg", None)
+
+            def scores_of(ref):  # what the mask is the argmax of (near-ties are not counted as mismatches)
+                from wsclip.export.parity import decision_scores
+
+                return decision_scores({"model": "seg" if "probs" in ref else "camnet",
+                                        "config": {"bg_threshold": bg}}, ref)
+
+            key = cache_key(lab.cfg.model, {**self.options, "method": lab.method}, lab.device)
+            chosen, self.report = resolve(self.name, lab.module, lab.device, lab.cfg.amp, key, lambda: x[:1],
+                                          names, scores_of, make_onnx=self._export)
+            if isinstance(chosen, Variant):
+                self.variant, lab.variant = chosen, chosen.name
+            else:  # ONNX Runtime won: it runs the network; the module stays for class-score prediction
+                self.variant, lab.runner, lab.variant = Variant(lab.module, "eager", lab.device), chosen, "onnxruntime"
+        return self.variant
+
+    def _export(self) -> Path:
+        """The labeler's checkpoint exported to ONNX once, into the cache (reused while the file is unchanged)."""
+        import hashlib
+        import json
+
+        from wsclip.export.onnx import export_onnx
+        from wsclip.io import cache_dir, file_sha256
+
+        lab = self.lab
+        opts = {"scales": tuple(lab.cfg.scales), "flip": lab.cfg.flip}
+        if lab.method == "cam":
+            opts["bg_threshold"] = lab.bg
+        tag = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:8]
+        path = cache_dir() / "onnx" / f"{file_sha256(lab.cfg.model)[:16]}_{lab.method}_{tag}.onnx"
+        export_onnx({"cam": "camnet", "seg": "seg"}[lab.method], lab.cfg.model, path, overwrite=False, **opts)
+        return path
 
 
 def _open_export(cfg: LabelerConfig, path: Path, device: torch.device, model: str, what: str):
@@ -337,17 +426,19 @@ class CamNetLabeler(Labeler):
             self.module = None
             classes = self.runner.classes
         else:
+            from wsclip.compat import value
             from wsclip.label.cam_labeler import load_cam_labeler
 
             self.bg = float(cfg.bg_threshold if cfg.bg_threshold is not None else CAM_BG_THRESHOLD)
             self.module = load_cam_labeler(path, device=device, bg_threshold=self.bg, scales=tuple(cfg.scales),
-                                           flip=cfg.flip)
+                                           flip=cfg.flip, preprocess=value("preprocess", cfg.compat))
             self.runner = None
             backend = "pytorch"
             classes = self.module.classes
             if device.type == "cuda":
                 torch.backends.cudnn.benchmark = False  # same algorithms every run: reproducible masks
         super().__init__(cfg, classes, device, backend)
+        self._variants = _VariantSlot(self, {"scales": list(cfg.scales), "flip": cfg.flip, "bg": self.bg})
         self.irn = None
         if self.refine == "irn":
             if self.module is None:
@@ -361,14 +452,16 @@ class CamNetLabeler(Labeler):
 
     def _cams(self, x: torch.Tensor, want_scores: bool, want_low: bool = False):
         """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None, stride-4 CAMs or None)."""
-        if self.module is None:
-            out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
-            return torch.from_numpy(out["cams"]).to(self.device), None, None
+        variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
+        if self.runner is not None and not want_scores and not want_low:
+            with stage("forward", self.device):
+                out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
+                return torch.from_numpy(out["cams"]).to(self.device), None, None
         raw = []
         hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
         try:
-            with torch.inference_mode(), precision(self.device, self.cfg.amp):
-                maps = self.module.cams(x, None, low=want_low)
+            with stage("forward", self.device), precision(self.device):  # the variant sets its own autocast
+                maps = variant(x, None, low=want_low, method="cams", eager=want_scores)  # hooks need the eager module
         finally:
             if hook is not None:
                 hook.remove()
@@ -376,14 +469,16 @@ class CamNetLabeler(Labeler):
         return maps[0].float(), scores, maps[1].float() if want_low else None
 
     def _run_group(self, images, labels, want_cams):
-        x = _stack(images, self.device)
+        with stage("h2d", self.device):
+            x = _stack(images, self.device)
         need_pred = self.needs_labels and any(lab is None for lab in labels)
         cams, own, low = self._cams(x, want_scores=need_pred and isinstance(self.predictor, _OwnScores),
                                     want_low=want_cams)
-        y_np, scores = self._fill_labels(images, labels, own)
-        y = torch.from_numpy(y_np).to(cams.device)
-        mask = self._irn_mask(x, cams, y) if self.irn is not None else None
-        results = _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask, low)
+        with stage("postprocess", self.device):
+            y_np, scores = self._fill_labels(images, labels, own)
+            y = torch.from_numpy(y_np).to(cams.device)
+            mask = self._irn_mask(x, cams, y) if self.irn is not None else None
+            results = _cam_results(cams, y, self.bg, want_cams, self.refine == "crf", scores, mask, low)
         for r in results:
             r.crf_params = self.crf_params
         return results
@@ -431,23 +526,32 @@ class SegNetLabeler(Labeler):
         if cfg.refine == "irn":
             raise WsclipError("--refine irn applies to CAM networks; use --refine crf or none with a segmentation network")
         super().__init__(cfg, classes, device, backend)
+        self._variants = _VariantSlot(self, {"scales": list(cfg.scales), "flip": cfg.flip})
 
     def _run_group(self, images, labels, want_cams):
-        x = _stack(images, self.device)
-        if self.module is None:
-            probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
-        else:
-            with torch.inference_mode(), precision(self.device, self.cfg.amp):
-                probs, _ = self.module(x)
-            probs = probs.float()
-        allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
-        for i, lab in enumerate(labels):
-            if lab is not None:
-                allow[i, 1:] = torch.from_numpy(lab > 0.5).to(probs.device)
-        masked = torch.where(allow[:, :, None, None], probs, torch.full_like(probs, -1.0))
-        mask = masked.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        with stage("h2d", self.device):
+            x = _stack(images, self.device)
+        variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
+        with stage("forward", self.device):
+            if self.runner is not None:
+                probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
+            else:
+                with precision(self.device):  # the variant sets its own autocast
+                    probs = variant(x)[0].float()
+        with stage("postprocess", self.device):
+            allow = torch.ones(probs.shape[:2], dtype=torch.bool, device=probs.device)
+            for i, lab in enumerate(labels):
+                if lab is not None:
+                    allow[i, 1:] = torch.from_numpy(lab > 0.5).to(probs.device)
+            masked = torch.where(allow[:, :, None, None], probs, torch.full_like(probs, -1.0))
+            mask = masked.argmax(dim=1).to(torch.uint8)
+        with stage("d2h", self.device):
+            mask = mask.cpu().numpy()
+            return self._seg_results(probs, allow, mask, len(images))
+
+    def _seg_results(self, probs, allow, mask, n) -> list[LabelResult]:
         out = []
-        for i in range(len(images)):
+        for i in range(n):
             keys = np.unique(mask[i])
             r = LabelResult(mask=mask[i], keys=(keys[keys > 0].astype(np.int64) - 1))
             if self.refine == "crf":
@@ -484,6 +588,12 @@ class ClipEsLabeler(Labeler):
         classes = resolve_classes(cfg.classes or "voc")
         clip = load_clip(cfg.clip, device=device, precision=opts.pop("precision", "fp32"), act=cfg.clip_act,
                          compat=cfg.compat)
+        compute = {"auto": None, "eager": "fp32", "bf16": "bf16"}.get(cfg.backend, "unknown")
+        if compute == "unknown":
+            raise WsclipError(f"--backend {cfg.backend} does not apply to clip-es (GradCAM needs PyTorch autograd): "
+                              "use auto, eager (fp32) or bf16")
+        if opts.get("compute") is None:
+            opts["compute"] = compute
         try:
             self.impl = ClipEs(clip, classes, ClipEsConfig(**{"compat": cfg.compat, **opts}))
         except TypeError as exc:
@@ -495,9 +605,15 @@ class ClipEsLabeler(Labeler):
         y, scores = self._fill_labels(images, labels)
         keys = [np.nonzero(y[i] > 0.5)[0].astype(np.int64) for i in range(len(images))]
         items = self.impl.label([host_image(im) for im in images], [k.tolist() for k in keys])
+        self.variant = self.impl.compute
+        with stage("d2h", self.device):
+            highs = [item["high_res"].float().cpu().numpy() for item in items]  # (K', H, W) each
+        with stage("postprocess"):
+            return self._clip_es_results(highs, keys, scores, want_cams)
+
+    def _clip_es_results(self, highs, keys, scores, want_cams) -> list[LabelResult]:
         out = []
-        for i, item in enumerate(items):
-            high = item["high_res"].float().cpu().numpy()  # (K', H, W)
+        for i, high in enumerate(highs):
             stacked = stack_scores(high, self.pseudo)
             mask = scores_to_mask(stacked, keys[i])
             r = LabelResult(mask=mask, keys=keys[i], scores=scores[i], predicted=scores[i] is not None)

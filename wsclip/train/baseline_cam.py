@@ -109,7 +109,7 @@ def scratch_settings(cfg: CamConfig, announce: bool = True) -> CamConfig:
     """Settings that train a resnet backbone from random weights (no --pretrained): the papers' frozen
     BatchNorm and lr 0.1 assume ImageNet statistics and diverge within a few steps from random ones.
     With from_scratch='auto' BatchNorm trains and lr is capped at SCRATCH_LR; the change is printed."""
-    if cfg.pretrained or cfg.backbone == "tiny":  # the tiny backbone has no ImageNet weights; its presets start random
+    if cfg.pretrained or cfg.backbone.startswith("tiny"):  # no ImageNet weights for the tiny ones; presets start random
         return cfg
     if cfg.from_scratch == "as-given":
         if announce:

@@ -392,7 +392,7 @@ def train_irn(cfg, resume: bool = False, dataset=None, callbacks: Iterable = ())
             raise WsclipError(f"{cfg.backbone_from} has a {meta.get('backbone')} backbone, this run uses "
                               f"--backbone {cfg.backbone}")
         net.load_backbone(tensors)
-    elif not cfg.pretrained and cfg.backbone != "tiny":
+    elif not cfg.pretrained and not cfg.backbone.startswith("tiny"):
         log.warning("IRN backbone is randomly initialised: pass --pretrained (ImageNet weights) or --backbone-from")
 
     tf = clims_train_transform(crop=cfg.crop, scale=tuple(cfg.resize_long))

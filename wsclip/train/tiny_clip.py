@@ -22,6 +22,7 @@ prompts apart while the image tower learns shapes (see `text_warmup`).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from wsclip.data.synth import (
     SYNTH_BACKGROUNDS,
     SYNTH_CLASSES,
+    SYNTH_SIZE,
     caption_for,
     generate_scene,
 )
@@ -43,7 +45,9 @@ from wsclip.errors import WsclipError
 from wsclip.models.clip import CLIP_MEAN, CLIP_STD, save_clip
 
 TINY_CLIP_NAME = "tiny-synth"
-TRAIN_VERSION = 1  # bump when the training recipe changes (invalidates ensure_tiny_clip's cache)
+#: bump when the world or the training recipe changes: it is part of every cache key (ensure_tiny_clip),
+#: so a changed world or model never loads an old cached CLIP
+TRAIN_VERSION = 2
 
 #: open_clip model config: open_clip.CLIP(**TINY_CLIP_CFG)
 TINY_CLIP_CFG: dict = {
@@ -80,7 +84,9 @@ class TinyClipConfig:
     weight_decay: float = 0.1
     warmup: int = 20
     seed: int = 0
-    size: int = 64
+    size: int = SYNTH_SIZE  # scene size of the pretrain corpus (the world's); views are resized to the CLIP's input
+    logit_scale: float | None = 10.0  # fixed contrastive scale (None: learned, as open_clip); see `train_step`
+    corpus: int = 3000  # distinct pretrain scenes, drawn in turn and re-viewed (fresh masks, flips, crops)
     checkpoint_every: int = 100  # steps between resumable training states (0: never)
     arch: str = "vit"  # "vit" (CLIP-ES and CLIMS) or "rn" (CLIMS: learns objects faster)
     model_cfg: dict | None = None  # an explicit open_clip config (default: the one of `arch`)
@@ -172,10 +178,19 @@ def _crop_resize(x: torch.Tensor, box, out: int) -> torch.Tensor:
     return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 
-def make_views(scenes, rng: np.random.Generator):
-    """Views of a list of SynthScene: (pixels (N, 3, S, S) normalised, texts, contents).
+def to_input_size(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Normalised pixels (N, 3, S, S) resized to the CLIP's input size as CLIMS's masked images are
+    (`wsclip.kernels.masked_batch`: bilinear, align_corners=True), so the CLIP learns what CLIMS shows it."""
+    if size is None or x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
-    Per scene: the full image, MASKED_VIEWS + CROP_VIEWS object views and one background view.
+
+def make_views(scenes, rng: np.random.Generator, out_size: int | None = None):
+    """Views of a list of SynthScene: (pixels (N, 3, s, s) normalised, texts, contents).
+
+    Per scene: the full image, MASKED_VIEWS + CROP_VIEWS object views and one background view,
+    made at the scene size S and resized to `out_size` (default S).
 
     contents[i] = (frozenset of class indices, background index or None) of view i.
     """
@@ -250,19 +265,18 @@ def make_views(scenes, rng: np.random.Generator):
         else:
             texts.append(rng.choice(BACKGROUND_TEMPLATES).format(SYNTH_BACKGROUNDS[bg]))
         contents.append((frozenset(left), bg))
-    return torch.stack(views), texts, contents
+    return to_input_size(torch.stack(views), out_size), texts, contents
 
 
 def describes(text_content, view_content) -> bool:
     """Whether a text with content (classes, bg) is true of a view with content (classes, bg).
 
-    A background-only text is true only of views without objects; otherwise the text's
-    classes must all be in the view and its background (if named) must match.
+    The text's classes must all be in the view and its background (if named) must match: so
+    "a photo of water." is true of a boat on water as well (as for a web-trained CLIP, which is
+    what gives CLIMS's CBS loss its signal), and false of a masked object (no background).
     """
     tc, tb = text_content
     vc, vb = view_content
-    if not tc:
-        return not vc and tb == vb
     return tc <= vc and (tb is None or tb == vb)
 
 
@@ -279,11 +293,18 @@ def multi_positive_infonce(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tens
     return 0.5 * (i2t + t2i)
 
 
+@functools.lru_cache(maxsize=4096)
+def _pretrain_scene(seed: int, index: int, size: int):
+    """Scene `index` of the pretrain split, generated once per process (a corpus re-viewed every epoch)."""
+    return generate_scene(seed, "pretrain", index, size)
+
+
 def build_batch(cfg: TinyClipConfig, step: int):
     """Normalised pixels (N, 3, S, S), unique texts (U) and the positive matrix (N, U) for one step."""
-    scenes = [generate_scene(cfg.seed, "pretrain", step * cfg.batch_size + i, cfg.size) for i in range(cfg.batch_size)]
+    scenes = [_pretrain_scene(cfg.seed, (step * cfg.batch_size + i) % cfg.corpus, cfg.size)
+              for i in range(cfg.batch_size)]
     rng = np.random.default_rng([cfg.seed, 7, step])
-    x, texts, contents = make_views(scenes, rng)
+    x, texts, contents = make_views(scenes, rng, input_size(cfg.model_cfg))
     # every step also contrasts against all class and background prompts
     t_obj, t_bg = rng.choice(OBJECT_TEMPLATES), rng.choice(BACKGROUND_TEMPLATES)
     extra = [t_obj.format(n) for n in SYNTH_CLASSES] + [t_bg.format(n) for n in SYNTH_BACKGROUNDS]
@@ -291,6 +312,11 @@ def build_batch(cfg: TinyClipConfig, step: int):
     text_content = [content_of_text(t) for t in unique]
     pos = torch.tensor([[describes(tc, vc) for tc in text_content] for vc in contents])
     return x, unique, pos
+
+
+def input_size(model_cfg: dict) -> int:
+    """The CLIP image tower's input size (pixels per side)."""
+    return int(model_cfg["vision_cfg"]["image_size"])
 
 
 def content_of_text(text: str):
@@ -357,7 +383,9 @@ def train_step(model, opt, cfg: TinyClipConfig, step: int) -> float:
         g["lr"] = lr * (cfg.text_lr_scale if g.get("tower") == "text" else 1.0)
     cls_emb, avg_emb = encode_images(model, x)
     txt = encode_texts(model, texts)
-    scale = model.logit_scale.exp()
+    # a fixed, moderate scale makes the raw cosines themselves spread (matching pairs high, others
+    # near 0), which CLIMS's OTM/BTM/CBS read directly; a learned one grows and lets them bunch up
+    scale = model.logit_scale.exp() if cfg.logit_scale is None else torch.tensor(float(cfg.logit_scale))
     loss = multi_positive_infonce(cls_emb, txt, pos, scale)
     if avg_emb is not cls_emb:
         loss = 0.5 * (loss + multi_positive_infonce(avg_emb, txt, pos, scale))
@@ -389,8 +417,8 @@ def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True,
     out = Path(out)
     if out.suffix != ".safetensors":
         raise WsclipError(f"tiny CLIP output must end in .safetensors, got {out}")
-    if cfg.steps < 1 or cfg.batch_size < 2:
-        raise WsclipError("tiny CLIP training needs steps >= 1 and batch_size >= 2")
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.corpus < cfg.batch_size:
+        raise WsclipError("tiny CLIP training needs steps >= 1, batch_size >= 2 and corpus >= batch_size")
     torch.manual_seed(cfg.seed)
     model = build_tiny_clip(cfg.model_cfg)
     model.train()
@@ -422,6 +450,9 @@ def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True,
         return {"steps": cfg.steps, "stopped_at": end, "state": str(state_file)}
     train_s = time.perf_counter() - t0
     model.eval()
+    if cfg.logit_scale is not None:  # the scale it was trained with (CLIP-ES reads its own)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(cfg.logit_scale))
     save_clip(out, model, cfg.model_cfg, name=TINY_CLIP_NAME + ("-rn" if cfg.arch == "rn" else ""))
     summary = {"steps": cfg.steps, "train_seconds_this_run": round(train_s, 1),
                "loss_first": losses[0] if losses else None, "loss_last": float(np.mean(losses[-10:])) if losses else None}
@@ -438,27 +469,37 @@ def train_tiny_clip(out, cfg: TinyClipConfig | None = None, resume: bool = True,
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch: int = 100) -> dict:
-    """Zero-shot figures on synth val scenes (fractions in [0, 1]).
+def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = SYNTH_SIZE, batch: int = 100,
+                       template: str = "a photo of {}.") -> dict:
+    """Zero-shot figures on synth val scenes of `size` px, resized to the CLIP's input (fractions in [0, 1]).
 
     - top1_in_labels: the best of "a photo of a {class}." over all K classes is a present class
       (CLS embedding); top1_in_labels_patchmean: the same with the CLIP-ES patch-mean embedding;
     - object_top1: each object masked onto the mean colour is given its own class;
       object_crop_top1: the same for its masked bounding-box crop, resized to the input size;
     - background_top1: images with every object removed are given their background word;
-    - object_vs_background: a masked object's class prompt beats every background word (CBS).
+    - object_vs_background: a masked object's class prompt beats every background word (CBS);
+    - similarity spread, the raw cosines CLIMS's losses read (prompts in CLIMS's `template`), medians
+      over objects: s_fg (masked object vs its class), s_bg (the image with that object removed vs
+      its class: BTM), s_full (whole image vs the class: the "CAM = whole image" solution), c_fg_bg
+      (masked object vs its scene's background word: CBS) and c_full_bg (whole image vs it);
+      s_fg_gt_s_bg: the share of objects with s_fg > s_bg.
     """
     model.eval()
+    res = input_size(_model_cfg(model))
     scenes = [generate_scene(seed, "val", i, size) for i in range(n)]
     cls_txt = encode_texts(model, [f"a photo of a {c}." for c in SYNTH_CLASSES])
     bg_txt = encode_texts(model, [f"a photo of {b}." for b in SYNTH_BACKGROUNDS])
+    clims_cls = encode_texts(model, [template.format(c) for c in SYNTH_CLASSES])
+    clims_bg = encode_texts(model, [template.format(b) for b in SYNTH_BACKGROUNDS])
     hits = hits_avg = 0
     obj_hits = obj_total = obj_vs_bg = bg_hits = crop_hits = 0
+    spread: dict[str, list] = {k: [] for k in ("s_fg", "s_bg", "s_full", "c_fg_bg", "c_full_bg")}
     for s0 in range(0, n, batch):
         part = scenes[s0:s0 + batch]
         x = _normalise(np.stack([s.image for s in part]))
         inst = torch.from_numpy(np.stack([s.instances for s in part]).astype(np.int64))
-        e_cls, e_avg = encode_images(model, x)
+        e_cls, e_avg = encode_images(model, to_input_size(x, res))
         for emb, name in ((e_cls, "cls"), (e_avg, "avg")):
             top = (emb @ cls_txt.t()).argmax(1).tolist()
             h = sum(int(t in s.classes) for t, s in zip(top, part))
@@ -466,33 +507,52 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch
                 hits += h
             else:
                 hits_avg += h
-        obj_x, obj_y = [], []
+        obj_x, rest_x, obj_y, obj_b, obj_img = [], [], [], [], []
         for b, s in enumerate(part):
             for j, c in enumerate(s.object_classes):
-                obj_x.append(x[b] * (inst[b] == j + 1).float())
+                m = (inst[b] == j + 1).float()
+                obj_x.append(x[b] * m)
+                same = torch.zeros_like(m)
+                for jj, cc in enumerate(s.object_classes):
+                    if cc == c:
+                        same = torch.maximum(same, (inst[b] == jj + 1).float())
+                rest_x.append(x[b] * (1 - _dilate(same[None, None], 1)[0, 0]))
                 obj_y.append(c)
+                obj_b.append(s.background)
+                obj_img.append(b)
         obj_crops = []
         for b, s in enumerate(part):
             for j in range(len(s.object_classes)):
                 ys, xs = torch.nonzero(inst[b] == j + 1, as_tuple=True)
-                y0, y1, x0, x1 = ys.min().item() - 2, ys.max().item() + 3, xs.min().item() - 2, xs.max().item() + 3
+                pad = 2 * size / 64
+                y0, y1 = ys.min().item() - pad, ys.max().item() + 1 + pad
+                x0, x1 = xs.min().item() - pad, xs.max().item() + 1 + pad
                 side, cy, cx = max(y1 - y0, x1 - x0), (y0 + y1) / 2, (x0 + x1) / 2
                 box = (cy - side / 2, cx - side / 2, cy + side / 2, cx + side / 2)
-                obj_crops.append(_crop_resize(x[b] * (inst[b] == j + 1).float(), box, size))
+                obj_crops.append(_crop_resize(x[b] * (inst[b] == j + 1).float(), box, res))
         e_crop, _ = encode_images(model, torch.stack(obj_crops))
-        e_obj, _ = encode_images(model, torch.stack(obj_x))
+        e_obj, _ = encode_images(model, to_input_size(torch.stack(obj_x), res))
+        e_rest, _ = encode_images(model, to_input_size(torch.stack(rest_x), res))
         sim_c = e_obj @ cls_txt.t()
         sim_b = e_obj @ bg_txt.t()
         y = torch.tensor(obj_y)
+        rows = torch.arange(len(y))
         obj_hits += int((sim_c.argmax(1) == y).sum())
         crop_hits += int(((e_crop @ cls_txt.t()).argmax(1) == y).sum())
-        obj_vs_bg += int((sim_c[torch.arange(len(y)), y] > sim_b.max(1).values).sum())
+        obj_vs_bg += int((sim_c[rows, y] > sim_b.max(1).values).sum())
         obj_total += len(y)
+        full = e_cls[torch.tensor(obj_img)]
+        bgi = torch.tensor(obj_b)
+        spread["s_fg"] += (e_obj @ clims_cls.t())[rows, y].tolist()
+        spread["s_bg"] += (e_rest @ clims_cls.t())[rows, y].tolist()
+        spread["s_full"] += (full @ clims_cls.t())[rows, y].tolist()
+        spread["c_fg_bg"] += (e_obj @ clims_bg.t())[rows, bgi].tolist()
+        spread["c_full_bg"] += (full @ clims_bg.t())[rows, bgi].tolist()
         bg_x = x * (1 - _dilate((inst > 0).float()[:, None], 1))
-        e_bg, _ = encode_images(model, bg_x)
+        e_bg, _ = encode_images(model, to_input_size(bg_x, res))
         bg_y = torch.tensor([s.background for s in part])
         bg_hits += int(((e_bg @ bg_txt.t()).argmax(1) == bg_y).sum())
-    return {
+    out = {
         "images": n,
         "top1_in_labels": hits / n,
         "top1_in_labels_patchmean": hits_avg / n,
@@ -500,7 +560,17 @@ def evaluate_tiny_clip(model, n: int = 200, seed: int = 0, size: int = 64, batch
         "object_crop_top1": crop_hits / max(1, obj_total),
         "object_vs_background": obj_vs_bg / max(1, obj_total),
         "background_top1": bg_hits / n,
+        "s_fg_gt_s_bg": float(np.mean(np.array(spread["s_fg"]) > np.array(spread["s_bg"]))),
     }
+    out.update({f"median_{k}": float(np.median(v)) for k, v in spread.items()})
+    return out
+
+
+def _model_cfg(model) -> dict:
+    """The open_clip config of a tiny CLIP (its image size is what matters here)."""
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return {"vision_cfg": {"image_size": int(size)}}
 
 
 # ----------------------------------------------------------------------------- cache
