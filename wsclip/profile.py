@@ -96,7 +96,7 @@ def _installed(name: str) -> str | None:
 def plan_backends(cfg: ProfileConfig, method: str, device: torch.device) -> tuple[list[str], dict[str, str]]:
     """(backends to run, {backend: why skipped}) for the config's backend list ('all' = every installed one)."""
     from wsclip.label.backends import cpu_has_bf16
-    from wsclip.serve.labelers import ENGINE_SUFFIXES
+    from wsclip.registry import ENGINE_SUFFIXES
 
     asked = list(ALL_BACKENDS) if "all" in cfg.backends else list(cfg.backends)
     unknown = [b for b in asked if b not in ALL_BACKENDS + ("auto",)]

@@ -114,7 +114,7 @@ def test_public_clip_es_matches_wsclip_labeler():
 
     clip = _clip(3)
     # a mild logit scale: a random CLIP at 100 saturates the softmax and every GradCAM vanishes
-    labeler = ClipEs(clip, VOC_CLASSES, ClipEsConfig(caa_layers=2, backend="torch", logit_scale=3.0, compute="fp32"))
+    labeler = ClipEs(clip, VOC_CLASSES, ClipEsConfig(caa_layers=2, caa_backend="torch", logit_scale=3.0, compute="fp32"))
     public = PublicClipEs(clip, labeler.fg_text, labeler.bg_text, labeler.attn_layers, labeler.box_threshold,
                           logit_scale=3.0)
     rng = np.random.default_rng(0)

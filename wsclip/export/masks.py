@@ -31,7 +31,6 @@ byte when the bits end on a byte boundary, as Label Studio's own encoder writes)
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import zipfile
 from pathlib import Path
