@@ -14,9 +14,7 @@ JSON (device, versions, command, all numbers) to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from wsclip.bench.timing import Meter  # noqa: E402 - medians, CUDA events, peak memory
 from wsclip.io import atomic_write_json  # noqa: E402
 from wsclip.kernels import (  # noqa: E402
     caa_propagate,
@@ -54,79 +53,6 @@ SIZES = {
 
 
 # ----------------------------------------------------------------------------- measuring
-class Meter:
-    """Times (median, CUDA events on the GPU) and peak memory on one device."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.last_cpu = None
-        self.cuda = device.type == "cuda"
-        self._libc = None
-        if not self.cuda and Path("/proc/self/clear_refs").exists():
-            try:
-                self._libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                self._libc = None
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def time(self, fn, reps: int, warmup: int = 1, budget_s: float | None = None) -> float:
-        """Median seconds of fn() over `reps` runs (fewer when `budget_s` is exceeded).
-
-        On the CPU also keeps the median process CPU time in `last_cpu` (steadier than the
-        wall clock on a machine shared with other jobs); None on the GPU.
-        """
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times, cpu = [], []
-        start = time.perf_counter()
-        for _ in range(reps):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                t, c = time.perf_counter(), time.process_time()
-                fn()
-                times.append(time.perf_counter() - t)
-                cpu.append(time.process_time() - c)
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                break
-        self.last_cpu = statistics.median(cpu) if cpu else None
-        return statistics.median(times)
-
-    def peak(self, fn) -> float | None:
-        """Peak memory (MB) fn() allocates above what was allocated before it."""
-        if self.cuda:
-            self.sync()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            base = torch.cuda.memory_allocated(self.device)
-            fn()
-            self.sync()
-            return (torch.cuda.max_memory_allocated(self.device) - base) / MB
-        if self._libc is None:
-            return None
-        # Linux: reset the peak resident set size, run, read it back
-        self._libc.malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-        base = _proc_status("VmRSS:")
-        fn()
-        return max(0, _proc_status("VmHWM:") - base) / MB
-
-
-def _proc_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def ceilings(meter: Meter, quick: bool, size: dict) -> dict:
     """Measured copy bandwidth (bytes read + written) and matmul rates on this device."""
     dev = meter.device

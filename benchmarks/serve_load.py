@@ -127,25 +127,9 @@ def _start_server(model: Path, device: str, args) -> tuple[object, str]:
         srv = BackgroundServer(create_app(LabelerConfig(model=str(model), device=device,
                                                         batch_size=args.max_batch_size), cfg), cfg)
         return srv, srv.url
-    proc = subprocess.Popen([sys.executable, "-m", "wsclip.cli", "serve", *flags], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "WSCLIP_NO_PROGRESS": "1"})
-    line = proc.stdout.readline()
-    if "listening on " not in line:
-        proc.kill()
-        raise SystemExit(f"server did not start: {line}")
-    url = line.split("listening on ")[1].split()[0]
-    import httpx
+    from wsclip.serve.launch import start_server_process
 
-    t_end = time.monotonic() + 300
-    while time.monotonic() < t_end:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("server not ready after 300 s")
+    return start_server_process(flags, ready_within=300)
 
 
 def _stop(server) -> None:

@@ -67,20 +67,6 @@ def voc_camnet(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_vit_clip(tmp_path_factory) -> Path:
     """A tiny random open_clip ViT CLIP (patch 8, 3 blocks) saved as safetensors + sidecar."""
-    import torch
-    from open_clip.model import CLIP
+    from job_helpers import tiny_vit_clip as make_tiny_vit_clip
 
-    from wsclip.models.clip import ClipModel, save_clip
-
-    text = {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-    cfg = {"embed_dim": 16, "quick_gelu": True, "text_cfg": text,
-           "vision_cfg": {"image_size": 32, "layers": 3, "width": 48, "patch_size": 8, "head_width": 16}}
-    torch.manual_seed(0)
-    model = CLIP(**cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln" in name:
-                p.add_(torch.randn_like(p) * 0.2)
-    path = tmp_path_factory.mktemp("tiny_vit_clip") / "clip.safetensors"
-    save_clip(path, ClipModel(model, "tiny-vit", cfg), cfg, "tiny-vit")
-    return path
+    return make_tiny_vit_clip(tmp_path_factory.mktemp("tiny_vit_clip") / "clip.safetensors")

@@ -30,6 +30,18 @@ def tiny_vit_clip(path):
     return path
 
 
+class Crash(Exception):
+    """Raised by `crash_at` to kill a training run mid-way."""
+
+
+def crash_at(step):
+    """A Trainer callback that raises Crash at `step`."""
+    def cb(trainer, s, terms):
+        if s == step:
+            raise Crash()
+    return cb
+
+
 def manifest_ok(out: Path) -> set[str]:
     """Ids whose last manifest record is ok."""
     recs = {}

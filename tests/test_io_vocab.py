@@ -63,7 +63,7 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     got, meta = io.load_checkpoint(tmp_path / "c.safetensors", expect_kind="camnet")
     assert torch.equal(got["w"], t["w"]) and torch.equal(got["b"], t["b"])
     assert meta["classes"] == ["a"] and "wsclip_version" in meta
-    with pytest.raises(CheckpointError, match="is a CAM network checkpoint, expected a segmentation network checkpoint"):
+    with pytest.raises(CheckpointError, match="is a CAM network checkpoint, not a segmentation network checkpoint"):
         io.load_checkpoint(tmp_path / "c.safetensors", expect_kind="seg")
     (tmp_path / "c.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):

@@ -126,13 +126,12 @@ class ClipGuidedConfig(TrainConfig):
     )
     kernel_backend: str = _f("auto", "masked_batch backend: auto, triton or torch")
 
-    def validate(self) -> "ClimsConfig":
-        from wsclip import compat
+    #: field -> allowed values (None too: a --compat setting not yet resolved)
+    CHOICES = {"mask_norm": ("clip", "imagenet")}
 
+    def validate(self) -> "ClipGuidedConfig":
         super().validate()
-        compat.check(self.compat)
-        for name, allowed in (("bn1", ("eval", "train")), ("mask_norm", ("clip", "imagenet")),
-                              ("clip_act", ("quick_gelu", "gelu"))):
+        for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in (None, *allowed):
                 raise WsclipError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         return self
@@ -164,16 +163,13 @@ class ClimsConfig(ClipGuidedConfig):
     clip_act: str | None = _f(None, "CLIP activation: quick_gelu (OpenAI weights) or gelu; default from the checkpoint "
                                     "(files that cannot tell: gelu, quick_gelu under --compat official)")
 
+    CHOICES = {**ClipGuidedConfig.CHOICES, "bn1": ("eval", "train"), "clip_act": ("quick_gelu", "gelu")}
+
     def validate(self) -> "ClimsConfig":
         from wsclip import compat
 
-        super().validate()
         compat.check(self.compat)
-        for name, allowed in (("bn1", ("eval", "train")), ("mask_norm", ("clip", "imagenet")),
-                              ("clip_act", ("quick_gelu", "gelu"))):
-            if getattr(self, name) not in (None, *allowed):
-                raise WsclipError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        return self
+        return super().validate()
 
 
 @dataclass

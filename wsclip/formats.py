@@ -131,16 +131,31 @@ def rle_decode(rle: dict) -> np.ndarray:
     return rle_to_mask(counts, h, w)
 
 
-def mask_annotations(mask: np.ndarray, classes: Sequence[str]) -> list[dict]:
-    """COCO-style annotations (category_id = mask value, segmentation RLE, area, bbox) of each class in a mask."""
+def regions(mask: np.ndarray, instances: bool = False) -> list[tuple[int, np.ndarray]]:
+    """(class value, boolean region) pairs of a mask: one per class, or per 8-connected part with instances."""
     out = []
     for v in np.unique(mask):
         v = int(v)
         if v in (0, 255):
             continue
         b = mask == v
-        ys, xs = np.nonzero(b)
-        name = classes[v - 1] if 0 < v <= len(classes) else str(v)
-        out.append({"category_id": v, "category": name, "segmentation": rle_encode(b), "area": int(b.sum()),
-                    "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]})
+        if not instances:
+            out.append((v, b))
+            continue
+        from scipy import ndimage
+
+        lab, n = ndimage.label(b, structure=np.ones((3, 3), dtype=bool))
+        out.extend((v, lab == j) for j in range(1, n + 1))
     return out
+
+
+def bbox_of(b: np.ndarray) -> list[int]:
+    """COCO bbox [x, y, width, height] of a non-empty boolean region."""
+    ys, xs = np.nonzero(b)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+
+
+def mask_annotations(mask: np.ndarray, classes: Sequence[str]) -> list[dict]:
+    """COCO-style annotations (category_id = mask value, segmentation RLE, area, bbox) of each class in a mask."""
+    return [{"category_id": v, "category": classes[v - 1] if 0 < v <= len(classes) else str(v),
+             "segmentation": rle_encode(b), "area": int(b.sum()), "bbox": bbox_of(b)} for v, b in regions(mask)]

@@ -343,8 +343,9 @@ def load_weights(module, tensors: dict, path: PathLike, what: str) -> None:
     module.load_state_dict(tensors, strict=True)
 
 
-def load_checkpoint(path: PathLike, expect_kind: str | None = None) -> tuple[dict, dict]:
-    """Load (tensors, meta) saved by save_checkpoint; checks the sidecar's `kind` when given."""
+def load_checkpoint(path: PathLike, expect_kind: str | None = None, hint: str = "") -> tuple[dict, dict]:
+    """Load (tensors, meta) saved by save_checkpoint; checks the sidecar's `kind` when given (a wrong
+    one is a CheckpointError that ends with `hint`: which file to pass instead)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -360,7 +361,8 @@ def load_checkpoint(path: PathLike, expect_kind: str | None = None) -> tuple[dic
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{side} is not valid JSON: {exc}") from exc
     if expect_kind is not None and meta.get("kind") != expect_kind:
-        raise CheckpointError(f"{path} is {describe_file(path)}, expected {_KIND_NAMES.get(expect_kind, expect_kind)}")
+        raise CheckpointError(f"{path} is {describe_file(path)}, not {_KIND_NAMES.get(expect_kind, expect_kind)}"
+                              + (f"; {hint}" if hint else ""))
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

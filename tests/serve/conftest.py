@@ -8,17 +8,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def cam_ckpt(tmp_path_factory) -> Path:
-    """A tiny random CAM network over the 20 VOC classes (safetensors + sidecar)."""
-    import torch
-
-    from wsclip.models.camnet import build_camnet, save_camnet
-    from wsclip.vocab import VOC_CLASSES
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("serve_models") / "camnet.safetensors"
-    save_camnet(path, build_camnet("tiny", len(VOC_CLASSES)), VOC_CLASSES)
-    return path
+def cam_ckpt(voc_camnet) -> Path:
+    """A tiny random CAM network over the 20 VOC classes (the session's `voc_camnet`)."""
+    return voc_camnet
 
 
 @pytest.fixture(scope="session")

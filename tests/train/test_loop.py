@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from wsclip.errors import WsclipError
 from wsclip.train.loop import StepSampler, Trainer
+from job_helpers import Crash, crash_at
 
 
 class NoisyDataset(torch.utils.data.Dataset):
@@ -58,15 +59,6 @@ def make_trainer(out, callbacks=(), num_workers=0, bn=True, **kw):
     return Trainer(net, step_fn, NoisyDataset(), **opts)
 
 
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def cb(trainer, s, terms):
-        if s == step:
-            raise Crash()
-    return cb
 
 
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):

@@ -12,6 +12,7 @@ from wsclip.data import open_images
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError, ShapeError
 from wsclip.io import read_mask, write_mask
 from wsclip.models.seg import build_seg_model, load_seg_model
+from job_helpers import Crash, crash_at
 from wsclip.train.seg import (
     PseudoMaskDataset, RandomScale, SegConfig, seg_loss, seg_step, seg_train_transform, train_seg,
 )
@@ -160,15 +161,6 @@ def test_pseudo_masks_pair_by_id_and_errors(world, tmp_path):
 
 
 # ----------------------------------------------------------------------------- training
-class Crash(Exception):
-    pass
-
-
-def crash_at(step):
-    def cb(trainer, s, terms):
-        if s == step:
-            raise Crash()
-    return cb
 
 
 def config(world, out, **kw):

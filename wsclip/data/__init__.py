@@ -7,7 +7,7 @@ Every dataset is a torch Dataset with `.classes`, `.ids`, `.root` whose items ar
 
 from __future__ import annotations
 
-import importlib
+from wsclip.lazy import lazy_exports
 
 _EXPORTS = {
     "open_dataset": "wsclip.data.factory",
@@ -26,11 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'wsclip.data' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

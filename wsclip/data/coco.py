@@ -22,7 +22,7 @@ import torch
 
 from wsclip.data.base import LabeledImageDataset, multi_hot
 from wsclip.data.coco_masks import render_semantic_mask
-from wsclip.data.splits import read_split
+from wsclip.data.splits import split_positions
 from wsclip.errors import BadFileError, DatasetLayoutError, MissingFileError
 from wsclip.io import read_image, read_mask
 from wsclip.vocab import COCO_CLASSES
@@ -102,15 +102,9 @@ class COCODataset(LabeledImageDataset):
         images = sorted(data["images"], key=lambda im: im["file_name"])
         if skip_empty:
             images = [im for im in images if per_image.get(im["id"])]
-        by_id = {Path(im["file_name"]).stem: im for im in images}
         if subset is not None:
-            wanted = read_split(subset)
-            unknown = [i for i in wanted if i not in by_id]
-            if unknown:
-                raise DatasetLayoutError(
-                    f"{len(unknown)} ids of {subset} are not images of {self.annotation_file}, e.g. '{unknown[0]}'"
-                )
-            images = [by_id[i] for i in wanted]
+            images = [images[n] for n in split_positions(subset, [Path(im["file_name"]).stem for im in images],
+                                                         self.annotation_file)]
         self.ids = [Path(im["file_name"]).stem for im in images]
         self._meta = images
         self._anns = [per_image.get(im["id"], []) for im in images]

@@ -19,7 +19,7 @@ import torch
 
 from wsclip.data.base import LabeledImageDataset, multi_hot, read_class_list, resolve_classes
 from wsclip.data.labelfiles import parse_label_value, read_name_labels
-from wsclip.data.splits import IMAGE_EXTS, read_split
+from wsclip.data.splits import IMAGE_EXTS, split_positions
 from wsclip.errors import DatasetLayoutError, MissingFileError, UnknownClassError
 from wsclip.io import read_image, read_mask
 from wsclip.vocab import class_index
@@ -106,14 +106,7 @@ class FolderDataset(LabeledImageDataset):
 
         order = list(range(len(ids)))
         if split is not None:
-            pos = {k: n for n, k in enumerate(ids)}
-            wanted = read_split(split)
-            unknown = [i for i in wanted if i not in pos]
-            if unknown:
-                raise DatasetLayoutError(
-                    f"{len(unknown)} ids of {split} are not images of {self.root}, e.g. '{unknown[0]}'"
-                )
-            order = [pos[i] for i in wanted]
+            order = split_positions(split, ids, self.root)
         self.ids = [ids[n] for n in order]
         self._files = [files[n] for n in order]
         self._labels = [vectors[n] for n in order]

@@ -39,3 +39,14 @@ def read_split(path) -> list[str]:
     if not ids:
         raise DatasetLayoutError(f"split file {path} lists no ids: write one image id per line")
     return ids
+
+
+def split_positions(split, ids, where) -> list[int]:
+    """Positions in `ids` of the ids split file `split` lists, in its order; an id that is not among
+    `ids` is a DatasetLayoutError naming `where` (the dataset's folder or annotation file)."""
+    pos = {k: n for n, k in enumerate(ids)}
+    wanted = read_split(split)
+    unknown = [i for i in wanted if i not in pos]
+    if unknown:
+        raise DatasetLayoutError(f"{len(unknown)} ids of {split} are not images of {where}, e.g. '{unknown[0]}'")
+    return [pos[i] for i in wanted]

@@ -10,7 +10,7 @@ Names are imported lazily so `import wsclip.export` needs neither onnx nor Tenso
 
 from __future__ import annotations
 
-import importlib
+from wsclip.lazy import lazy_exports
 
 _EXPORTS = {
     "export_onnx": "wsclip.export.onnx",
@@ -34,11 +34,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'wsclip.export' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

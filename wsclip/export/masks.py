@@ -39,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from wsclip.errors import MissingFileError, WsclipError
+from wsclip.formats import bbox_of, regions
 
 __all__ = ["FORMATS", "IGNORE_COLOR", "export_masks", "coco_dataset", "ls_rle_encode", "ls_rle_decode",
            "labelstudio_tasks", "labelstudio_config", "write_cvat_zip", "regions", "cvat_labelmap"]
@@ -50,32 +51,9 @@ LS_RLE_SIZES = (3, 4, 8, 16)
 
 
 # ============================================================================ shared
-def regions(mask: np.ndarray, instances: bool) -> list[tuple[int, np.ndarray]]:
-    """(class value, boolean region) pairs of a mask: one per class, or per 8-connected part with instances."""
-    out = []
-    for v in np.unique(mask):
-        v = int(v)
-        if v in (0, 255):
-            continue
-        b = mask == v
-        if not instances:
-            out.append((v, b))
-            continue
-        from scipy import ndimage
-
-        lab, n = ndimage.label(b, structure=np.ones((3, 3), dtype=bool))
-        out.extend((v, lab == j) for j in range(1, n + 1))
-    return out
-
-
 def _file_name(folder, image_id: str) -> str:
     p = folder.image_path(image_id)
     return f"{image_id}{p.suffix.lower() if p is not None else '.jpg'}"
-
-
-def _bbox(b: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(b)
-    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
 # ============================================================================ COCO
@@ -92,7 +70,7 @@ def coco_dataset(folder, ids: Sequence[str], instances: bool = False) -> dict:
                        "width": int(mask.shape[1]), "wsclip_id": image_id, "wsclip_quality": q.get("score")})
         for v, b in regions(mask, instances):
             anns.append({"id": len(anns) + 1, "image_id": n, "category_id": v, "segmentation": rle_encode(b),
-                         "area": int(b.sum()), "bbox": _bbox(b), "iscrowd": 0})
+                         "area": int(b.sum()), "bbox": bbox_of(b), "iscrowd": 0})
     cats = [{"id": k + 1, "name": c, "supercategory": "object"} for k, c in enumerate(classes)]
     return {"info": {"description": f"wsclip masks of {folder.root}"}, "images": images, "annotations": anns,
             "categories": cats}

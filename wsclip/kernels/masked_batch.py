@@ -92,8 +92,31 @@ def masked_batch_reference(images, cams, pairs, size=224, mean=CLIP_MEAN, std=CL
 @functools.lru_cache(maxsize=None)
 def _jit_kernels(interpret: bool) -> dict:
     """The `triton.jit` functions by name, interpreted ones when `interpret` (launch space: tuning.SPECS["masked_batch.<name>"])."""
-    global tl
+    global tl, taps, sample  # jit helpers are found through the kernels' module globals
     triton, tl = import_triton()
+
+    @triton.jit
+    def taps(oy, ox, sy, sx, h, w):
+        """Bilinear taps (align_corners=True) of output pixels (oy, ox) on an h x w source: the four
+        corner offsets and their weights."""
+        fy = oy.to(tl.float32) * sy
+        fx = ox.to(tl.float32) * sx
+        y0 = fy.to(tl.int32)
+        x0 = fx.to(tl.int32)
+        ly = fy - y0.to(tl.float32)
+        lx = fx - x0.to(tl.float32)
+        y1 = tl.minimum(y0 + 1, h - 1)
+        x1 = tl.minimum(x0 + 1, w - 1)
+        return (y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1,
+                (1.0 - ly) * (1.0 - lx), (1.0 - ly) * lx, ly * (1.0 - lx), ly * lx)
+
+    @triton.jit
+    def sample(p, i00, i01, i10, i11, w00, w01, w10, w11, om):
+        """The bilinear value at the taps of source plane `p`, in float32."""
+        return (w00 * tl.load(p + i00, mask=om, other=0).to(tl.float32)
+                + w01 * tl.load(p + i01, mask=om, other=0).to(tl.float32)
+                + w10 * tl.load(p + i10, mask=om, other=0).to(tl.float32)
+                + w11 * tl.load(p + i11, mask=om, other=0).to(tl.float32))
 
     @triton.jit
     def fwd(img, cam, pairs, fg, bg, H, W, h, w, K, S, syi, sxi, syc, sxc,
@@ -106,50 +129,16 @@ def _jit_kernels(interpret: bool) -> dict:
         ox = o % S
         n = tl.load(pairs + 2 * m).to(tl.int64)
         k = tl.load(pairs + 2 * m + 1).to(tl.int64)
-        # CAM: 4 taps, align_corners=True source coordinates
-        fy = oy.to(tl.float32) * syc
-        fx = ox.to(tl.float32) * sxc
-        y0 = fy.to(tl.int32)
-        x0 = fx.to(tl.int32)
-        ly = fy - y0.to(tl.float32)
-        lx = fx - x0.to(tl.float32)
-        y1 = tl.minimum(y0 + 1, h - 1)
-        x1 = tl.minimum(x0 + 1, w - 1)
-        cb = cam + (n * K + k) * h * w
-        c00 = tl.load(cb + y0 * w + x0, mask=om, other=0.0).to(tl.float32)
-        c01 = tl.load(cb + y0 * w + x1, mask=om, other=0.0).to(tl.float32)
-        c10 = tl.load(cb + y1 * w + x0, mask=om, other=0.0).to(tl.float32)
-        c11 = tl.load(cb + y1 * w + x1, mask=om, other=0.0).to(tl.float32)
-        cv = (1.0 - ly) * ((1.0 - lx) * c00 + lx * c01) + ly * ((1.0 - lx) * c10 + lx * c11)
-        # image: 4 taps per channel
-        fy = oy.to(tl.float32) * syi
-        fx = ox.to(tl.float32) * sxi
-        y0 = fy.to(tl.int32)
-        x0 = fx.to(tl.int32)
-        ly = fy - y0.to(tl.float32)
-        lx = fx - x0.to(tl.float32)
-        y1 = tl.minimum(y0 + 1, H - 1)
-        x1 = tl.minimum(x0 + 1, W - 1)
-        w00 = (1.0 - ly) * (1.0 - lx)
-        w01 = (1.0 - ly) * lx
-        w10 = ly * (1.0 - lx)
-        w11 = ly * lx
-        i00 = y0 * W + x0
-        i01 = y0 * W + x1
-        i10 = y1 * W + x0
-        i11 = y1 * W + x1
+        c00, c01, c10, c11, u00, u01, u10, u11 = taps(oy, ox, syc, sxc, h, w)
+        cv = sample(cam + (n * K + k) * h * w, c00, c01, c10, c11, u00, u01, u10, u11, om)
+        i00, i01, i10, i11, w00, w01, w10, w11 = taps(oy, ox, syi, sxi, H, W)
         HW = H * W
         ib = img + n * 3 * HW
         ob = m.to(tl.int64) * 3 * SS + o
         for c in tl.static_range(3):
             a = a0 if c == 0 else (a1 if c == 1 else a2)
             bb = b0 if c == 0 else (b1 if c == 1 else b2)
-            p = ib + c * HW
-            v = (w00 * tl.load(p + i00, mask=om, other=0).to(tl.float32)
-                 + w01 * tl.load(p + i01, mask=om, other=0).to(tl.float32)
-                 + w10 * tl.load(p + i10, mask=om, other=0).to(tl.float32)
-                 + w11 * tl.load(p + i11, mask=om, other=0).to(tl.float32))
-            v = v * a + bb
+            v = sample(ib + c * HW, i00, i01, i10, i11, w00, w01, w10, w11, om) * a + bb
             tl.store(fg + ob + c * SS, (v * cv).to(fg.dtype.element_ty), mask=om)
             tl.store(bg + ob + c * SS, (v * (1.0 - cv)).to(bg.dtype.element_ty), mask=om)
 
@@ -163,18 +152,7 @@ def _jit_kernels(interpret: bool) -> dict:
         oy = o // S
         ox = o % S
         n = tl.load(pairs + 2 * m).to(tl.int64)
-        fy = oy.to(tl.float32) * syi
-        fx = ox.to(tl.float32) * sxi
-        y0 = fy.to(tl.int32)
-        x0 = fx.to(tl.int32)
-        ly = fy - y0.to(tl.float32)
-        lx = fx - x0.to(tl.float32)
-        y1 = tl.minimum(y0 + 1, H - 1)
-        x1 = tl.minimum(x0 + 1, W - 1)
-        w00 = (1.0 - ly) * (1.0 - lx)
-        w01 = (1.0 - ly) * lx
-        w10 = ly * (1.0 - lx)
-        w11 = ly * lx
+        i00, i01, i10, i11, w00, w01, w10, w11 = taps(oy, ox, syi, sxi, H, W)
         HW = H * W
         ib = img + n * 3 * HW
         ob = m.to(tl.int64) * 3 * SS + o
@@ -182,12 +160,7 @@ def _jit_kernels(interpret: bool) -> dict:
         for c in tl.static_range(3):
             a = a0 if c == 0 else (a1 if c == 1 else a2)
             bb = b0 if c == 0 else (b1 if c == 1 else b2)
-            p = ib + c * HW
-            v = (w00 * tl.load(p + y0 * W + x0, mask=om, other=0).to(tl.float32)
-                 + w01 * tl.load(p + y0 * W + x1, mask=om, other=0).to(tl.float32)
-                 + w10 * tl.load(p + y1 * W + x0, mask=om, other=0).to(tl.float32)
-                 + w11 * tl.load(p + y1 * W + x1, mask=om, other=0).to(tl.float32))
-            v = v * a + bb
+            v = sample(ib + c * HW, i00, i01, i10, i11, w00, w01, w10, w11, om) * a + bb
             d = (tl.load(dfg + ob + c * SS, mask=om, other=0.0).to(tl.float32)
                  - tl.load(dbg + ob + c * SS, mask=om, other=0.0).to(tl.float32))
             acc += v * d

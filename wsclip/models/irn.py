@@ -118,14 +118,9 @@ def save_irn(path, net: IRNEdgeNet, radius: int = 10, extra: dict | None = None)
 
 def load_irn(path, device="cpu") -> tuple[IRNEdgeNet, dict]:
     """Load a boundary network saved by save_irn (or a `wsclip train irn` trainer checkpoint); eval mode."""
-    from wsclip.io import describe_file, load_checkpoint, load_weights
+    from wsclip.io import load_checkpoint, load_weights
 
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(
-            f"{path} is {describe_file(path)}, not an IRN boundary network; pass the file "
-            "written by `wsclip train irn`"
-        )
+    tensors, meta = load_checkpoint(path, KIND, "pass the file written by `wsclip train irn`")
     net = IRNEdgeNet(meta.get("backbone", "resnet50"))
     load_weights(net, tensors, path, f"a {meta.get('backbone')} boundary network (as its sidecar says)")
     return net.to(device).eval(), meta

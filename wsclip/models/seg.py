@@ -242,14 +242,9 @@ def model_from_meta(meta: dict, where="checkpoint") -> SegNet:
 
 def load_seg_model(path, device="cpu") -> tuple[SegNet, dict]:
     """Load a network saved by save_seg_model (or `wsclip train seg`); returns (net in eval mode, meta)."""
-    from wsclip.io import describe_file, load_checkpoint, load_weights
+    from wsclip.io import load_checkpoint, load_weights
 
-    tensors, meta = load_checkpoint(path)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(
-            f"{path} is {describe_file(path)}, not a segmentation network; pass the "
-            "seg.safetensors written by `wsclip train seg`"
-        )
+    tensors, meta = load_checkpoint(path, KIND, "pass the seg.safetensors written by `wsclip train seg`")
     net = model_from_meta(meta, str(path))
     load_weights(net, tensors, path, f"a {meta['arch']} {meta['backbone']} network with {meta['num_classes']} classes "
                  "(as its sidecar says)")

@@ -160,7 +160,7 @@ class CamNetLabeler(Labeler):
     def _cams(self, x: torch.Tensor, want_scores: bool, want_low: bool = False):
         """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None, stride-4 CAMs or None)."""
         variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
-        if self.runner is not None and not want_scores and not want_low:
+        if self.runner is not None and (self.module is None or not (want_scores or want_low)):
             with stage("forward", self.device):
                 out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
                 return torch.from_numpy(out["cams"]).to(self.device), None, None

@@ -80,12 +80,14 @@ def init_cam_network(cfg, classes, note: str | None = None):
 
 def fit_cam_network(net, step, ds, classes, cfg: TrainConfig, desc: str, resume: bool, callbacks: Iterable,
                     extra: dict) -> Path:
-    """The training run every CAM-network trainer shares (baseline, CLIMS, QA-CLIMS): backbone and head
-    param groups, the Trainer, config.yaml, and the final `camnet.safetensors` with `extra` in its sidecar."""
+    """The training run every CAM-network trainer shares (baseline, CLIMS, QA-CLIMS): frozen BatchNorm
+    when `cfg.freeze_bn`, backbone and head param groups, the Trainer, config.yaml, and the final `camnet.safetensors` with `extra` in its sidecar."""
     from wsclip.config import save_yaml
     from wsclip.models.camnet import save_camnet
     from wsclip.train.loop import Trainer
 
+    if cfg.freeze_bn:
+        net.freeze_bn()
     back, head = net.param_groups()
     trainer = Trainer(
         net, step, ds, param_groups=[(back, 1.0), (head, cfg.head_lr_mult)],
@@ -134,7 +136,5 @@ def train_cam(cfg: CamConfig, resume: bool = False, dataset=None, callbacks: Ite
     ds = dataset if dataset is not None else open_train_dataset(cfg)
     seed_everything(cfg.seed)
     net = build_camnet(cfg.backbone, len(ds.classes), cfg.pretrained)
-    if cfg.freeze_bn:
-        net.freeze_bn()
     return fit_cam_network(net, cam_step, ds, ds.classes, cfg, "train cam", resume, callbacks,
                            {"trained": "cam", "data": str(cfg.data)})

@@ -194,7 +194,5 @@ def train_clims(cfg: ClimsConfig, resume: bool = False, dataset=None, clip=None,
     bg_text = clip.encode_text([cfg.template.format(w) for w in background]).to(device)
     objective = ClimsObjective(clip, fg_text, bg_text, cfg, word_mask)
 
-    if cfg.freeze_bn:
-        net.freeze_bn()
     return fit_cam_network(net, objective, ds, classes, cfg, "train clims", resume, callbacks,
                            {"trained": "clims", "clip": str(cfg.clip), "prompts": names, "background": background})
