@@ -30,6 +30,21 @@ def tiny_vit_clip(path):
     return path
 
 
+def synth_world_and_clip(root: Path, n_train: int, clip_cfg: dict, name: str) -> Path:
+    """`root`/synth: n_train 64 px synthetic images in VOC layout (seed 0); `root`/clip.safetensors: a random
+    open_clip CLIP of `clip_cfg` saved like a real checkpoint. Returns root."""
+    import open_clip
+    import torch
+
+    from wsclip.data.synth import write_voc_layout
+    from wsclip.models.clip import save_clip
+
+    write_voc_layout(root / "synth", n_train=n_train, n_val=0, seed=0, size=64)
+    torch.manual_seed(0)
+    save_clip(root / "clip.safetensors", open_clip.CLIP(**clip_cfg), clip_cfg, name=name)
+    return root
+
+
 class Crash(Exception):
     """Raised by `crash_at` to kill a training run mid-way."""
 

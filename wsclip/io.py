@@ -71,6 +71,16 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json(path: PathLike, error=BadFileError, hint: str = ""):
+    """The JSON value in file `path`; text that is not JSON (or not UTF-8) raises `error` naming the
+    file, with `hint` (what to do) appended."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc})" + (f"; {hint}" if hint else "")) from None
+
+
 def cache_dir() -> Path:
     """wsclip's cache folder: $WSCLIP_CACHE, else $XDG_CACHE_HOME/wsclip, else ~/.cache/wsclip."""
     if os.environ.get("WSCLIP_CACHE"):
@@ -356,10 +366,7 @@ def load_checkpoint(path: PathLike, expect_kind: str | None = None, hint: str = 
     if not side.is_file():
         raise CheckpointError(f"{path} is {describe_file(path)}, not a wsclip checkpoint: a checkpoint is a .safetensors "
                               f"file with its JSON sidecar {side.name} (architecture and classes) beside it")
-    try:
-        meta = json.loads(side.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{side} is not valid JSON: {exc}") from exc
+    meta = read_json(side, CheckpointError)
     if expect_kind is not None and meta.get("kind") != expect_kind:
         raise CheckpointError(f"{path} is {describe_file(path)}, not {_KIND_NAMES.get(expect_kind, expect_kind)}"
                               + (f"; {hint}" if hint else ""))

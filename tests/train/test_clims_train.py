@@ -23,16 +23,9 @@ TINY_CLIP_CFG = {
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A 16-image synthetic world in VOC layout and a tiny random CLIP saved like a real checkpoint."""
-    import open_clip
+    from job_helpers import synth_world_and_clip
 
-    from wsclip.data.synth import write_voc_layout
-    from wsclip.models.clip import save_clip
-
-    root = tmp_path_factory.mktemp("clims")
-    write_voc_layout(root / "synth", n_train=16, n_val=0, seed=0, size=64)
-    torch.manual_seed(0)
-    save_clip(root / "clip.safetensors", open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, name="tiny-test")
-    return root
+    return synth_world_and_clip(tmp_path_factory.mktemp("clims"), 16, TINY_CLIP_CFG, "tiny-test")
 
 
 def _cfg(world, out, **kw):

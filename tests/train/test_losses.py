@@ -70,28 +70,26 @@ def test_empty_pairs_give_zero_with_graph():
         assert out.item() == 0.0 and out.requires_grad
 
 
-def _frc_direct(v, t_fg, t_bg, tau, mask):
+def _contrast_direct(x, t_fg, t_bg, tau, mask, fg_wins: bool):
+    """FRC (fg_wins: -log e_fg / (e_fg + e_bg), e_bg summed) or BRC (-log mean e_bg / (mean e_bg + e_fg)),
+    summed over rows with at least one background text, one exp at a time."""
     total = 0.0
-    for m in range(v.shape[0]):
+    for m in range(x.shape[0]):
         js = [j for j in range(t_bg.shape[1]) if mask[m, j]]
         if not js:
             continue
-        e_fg = math.exp(float(v[m] @ t_fg[m]) / tau)
-        e_bg = sum(math.exp(float(v[m] @ t_bg[m, j]) / tau) for j in js)
-        total += -math.log(e_fg / (e_fg + e_bg))
+        e_fg = math.exp(float(x[m] @ t_fg[m]) / tau)
+        e_bg = sum(math.exp(float(x[m] @ t_bg[m, j]) / tau) for j in js)
+        total += -math.log(e_fg / (e_fg + e_bg)) if fg_wins else -math.log((e_bg / len(js)) / (e_bg / len(js) + e_fg))
     return total
+
+
+def _frc_direct(v, t_fg, t_bg, tau, mask):
+    return _contrast_direct(v, t_fg, t_bg, tau, mask, fg_wins=True)
 
 
 def _brc_direct(u, t_fg, t_bg, tau, mask):
-    total = 0.0
-    for m in range(u.shape[0]):
-        js = [j for j in range(t_bg.shape[1]) if mask[m, j]]
-        if not js:
-            continue
-        mean_bg = sum(math.exp(float(u[m] @ t_bg[m, j]) / tau) for j in js) / len(js)
-        e_fg = math.exp(float(u[m] @ t_fg[m]) / tau)
-        total += -math.log(mean_bg / (mean_bg + e_fg))
-    return total
+    return _contrast_direct(u, t_fg, t_bg, tau, mask, fg_wins=False)
 
 
 @pytest.mark.parametrize("tau", [0.7, 0.05])

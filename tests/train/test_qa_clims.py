@@ -34,16 +34,11 @@ def _answers(i: int, name: str) -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """8 synthetic images in VOC layout, a tiny random CLIP, and a full corpus as JSON and as the .npy pair."""
-    import open_clip
+    from job_helpers import synth_world_and_clip
 
     from wsclip.data import open_dataset
-    from wsclip.data.synth import write_voc_layout
-    from wsclip.models.clip import save_clip
 
-    root = tmp_path_factory.mktemp("qa")
-    write_voc_layout(root / "synth", n_train=8, n_val=0, seed=0, size=64)
-    torch.manual_seed(0)
-    save_clip(root / "clip.safetensors", open_clip.CLIP(**TINY_CLIP_CFG), TINY_CLIP_CFG, name="tiny-qa")
+    root = synth_world_and_clip(tmp_path_factory.mktemp("qa"), 8, TINY_CLIP_CFG, "tiny-qa")
     ds = open_dataset(str(root / "synth"), split="train", masks=False)
     images, fg_npy, bg_npy = {}, {}, {}
     for i, image_id in enumerate(ds.ids):

@@ -9,21 +9,8 @@ from __future__ import annotations
 
 from wsclip.lazy import lazy_exports
 
-_EXPORTS = {
-    "open_dataset": "wsclip.data.factory",
-    "open_images": "wsclip.data.factory",
-    "detect_layout": "wsclip.data.factory",
-    "LabeledImageDataset": "wsclip.data.base",
-    "multi_hot": "wsclip.data.base",
-    "VOCDataset": "wsclip.data.voc",
-    "COCODataset": "wsclip.data.coco",
-    "FolderDataset": "wsclip.data.folder",
-    "read_split": "wsclip.data.splits",
-    "collate": "wsclip.data.transforms",
-    "clims_train_transform": "wsclip.data.transforms",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "wsclip.data.factory": "open_dataset open_images detect_layout", "wsclip.data.base": "LabeledImageDataset multi_hot",
+    "wsclip.data.voc": "VOCDataset", "wsclip.data.coco": "COCODataset", "wsclip.data.folder": "FolderDataset",
+    "wsclip.data.splits": "read_split", "wsclip.data.transforms": "collate clims_train_transform",
+})

@@ -8,7 +8,6 @@ code. Prefer `cls_labels.json` ({id: [0/1 x K]}) for new data.
 from __future__ import annotations
 
 import csv
-import json
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,7 @@ import torch
 
 from wsclip.data.base import multi_hot
 from wsclip.errors import BadFileError, UnknownClassError
+from wsclip.io import read_json
 from wsclip.vocab import class_index
 
 
@@ -128,10 +128,7 @@ def load_label_table(path: Path, classes: Sequence[str]) -> dict[str, torch.Tens
         if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
             obj = obj.item()
     else:
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadFileError(f"{path} is not valid JSON: {exc}") from None
+        obj = read_json(path)
     if not isinstance(obj, dict):
         raise BadFileError(f"{path} must map image ids to labels, got {type(obj).__name__}")
     return {_irn_id(k): parse_label_value(v, classes, f"{path}: '{_irn_id(k)}'") for k, v in obj.items()}
@@ -180,10 +177,7 @@ def read_name_labels(path: Path, classes: Sequence[str] | None = None) -> dict[s
     known = set(classes) if classes is not None else None
     out: dict[str, list[str]] = {}
     if path.suffix.lower() == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BadFileError(f"{path} is not valid JSON: {exc}") from None
+        obj = read_json(path)
         if isinstance(obj, list):
             try:
                 obj = {str(e["image"]): e["labels"] for e in obj}

@@ -12,26 +12,9 @@ from __future__ import annotations
 
 from wsclip.lazy import lazy_exports
 
-_EXPORTS = {
-    "export_onnx": "wsclip.export.onnx",
-    "read_sidecar": "wsclip.export.onnx",
-    "verify_artefact": "wsclip.export.onnx",
-    "sidecar_of": "wsclip.export.onnx",
-    "OrtRunner": "wsclip.export.ort",
-    "check_parity": "wsclip.export.parity",
-    "open_artefact": "wsclip.export.parity",
-    "open_labeler": "wsclip.export.parity",
-    "ParityReport": "wsclip.export.parity",
-    "to_fp16": "wsclip.export.precision",
-    "quantize": "wsclip.export.precision",
-    "build_engine": "wsclip.export.tensorrt",
-    "TrtRunner": "wsclip.export.tensorrt",
-    "check_engine_metadata": "wsclip.export.tensorrt",
-    "build_spec": "wsclip.export.wrappers",
-    "spec_from_sidecar": "wsclip.export.wrappers",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, {
+    "wsclip.export.onnx": "export_onnx read_sidecar verify_artefact sidecar_of", "wsclip.export.ort": "OrtRunner",
+    "wsclip.export.parity": "check_parity open_artefact open_labeler ParityReport",
+    "wsclip.export.precision": "to_fp16 quantize", "wsclip.export.tensorrt": "build_engine TrtRunner check_engine_metadata",
+    "wsclip.export.wrappers": "build_spec spec_from_sidecar",
+})

@@ -23,7 +23,6 @@ checkpoint's SHA-256. Loading checks the artefact against its sidecar.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Iterator, Sequence
 import torch
 
 from wsclip.errors import BadFileError, MissingFileError, WsclipError
+from wsclip.io import read_json
 
 MIN_OPSET = 17
 DEFAULT_OPSET = 17
@@ -55,10 +55,7 @@ def read_sidecar(path) -> dict:
     if not side.is_file():
         raise BadFileError(f"{path} has no sidecar {side.name}: it records inputs, classes and normalisation; "
                            "re-export with `wsclip export onnx` (or `wsclip export trt`)")
-    try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadFileError(f"{side} is not valid JSON ({exc}); re-export the model") from exc
+    meta = read_json(side, hint="re-export the model")
     if not isinstance(meta, dict) or meta.get("kind") != SIDECAR_KIND:
         raise BadFileError(f"{side} is not a wsclip export sidecar; re-export the model")
     return meta

@@ -92,8 +92,18 @@ def masked_batch_reference(images, cams, pairs, size=224, mean=CLIP_MEAN, std=CL
 @functools.lru_cache(maxsize=None)
 def _jit_kernels(interpret: bool) -> dict:
     """The `triton.jit` functions by name, interpreted ones when `interpret` (launch space: tuning.SPECS["masked_batch.<name>"])."""
-    global tl, taps, sample  # jit helpers are found through the kernels' module globals
+    global tl, block_of, taps, sample  # jit helpers are found through the kernels' module globals
     triton, tl = import_triton()
+
+    @triton.jit
+    def block_of(pairs, S, BLOCK: tl.constexpr):
+        """This program's pair m, its image n, and its block of output pixels o (mask om, rows oy,
+        columns ox) of the S x S output (SS = S * S pixels)."""
+        m = tl.program_id(0)
+        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        SS = S * S
+        n = tl.load(pairs + 2 * m).to(tl.int64)
+        return m, n, o, o < SS, o // S, o % S, SS
 
     @triton.jit
     def taps(oy, ox, sy, sx, h, w):
@@ -121,13 +131,7 @@ def _jit_kernels(interpret: bool) -> dict:
     @triton.jit
     def fwd(img, cam, pairs, fg, bg, H, W, h, w, K, S, syi, sxi, syc, sxc,
             a0, a1, a2, b0, b1, b2, BLOCK: tl.constexpr):
-        m = tl.program_id(0)
-        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        SS = S * S
-        om = o < SS
-        oy = o // S
-        ox = o % S
-        n = tl.load(pairs + 2 * m).to(tl.int64)
+        m, n, o, om, oy, ox, SS = block_of(pairs, S, BLOCK)
         k = tl.load(pairs + 2 * m + 1).to(tl.int64)
         c00, c01, c10, c11, u00, u01, u10, u11 = taps(oy, ox, syc, sxc, h, w)
         cv = sample(cam + (n * K + k) * h * w, c00, c01, c10, c11, u00, u01, u10, u11, om)
@@ -145,13 +149,7 @@ def _jit_kernels(interpret: bool) -> dict:
     @triton.jit
     def grad(img, pairs, dfg, dbg, g, H, W, S, syi, sxi, a0, a1, a2, b0, b1, b2, BLOCK: tl.constexpr):
         # g[m, o] = sum_c norm(img)_c(o) * (dfg[m, c, o] - dbg[m, c, o])
-        m = tl.program_id(0)
-        o = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        SS = S * S
-        om = o < SS
-        oy = o // S
-        ox = o % S
-        n = tl.load(pairs + 2 * m).to(tl.int64)
+        m, n, o, om, oy, ox, SS = block_of(pairs, S, BLOCK)
         i00, i01, i10, i11, w00, w01, w10, w11 = taps(oy, ox, syi, sxi, H, W)
         HW = H * W
         ib = img + n * 3 * HW

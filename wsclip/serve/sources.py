@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import glob as globlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from wsclip.errors import DatasetLayoutError, MissingFileError, WsclipError
+from wsclip.io import read_json
 
 _GLOB_CHARS = "*?["
 
@@ -128,10 +128,7 @@ def read_labels_file(path, classes: Sequence[str], ids: Sequence[str]) -> dict[s
     if not path.is_file():
         raise MissingFileError(f"labels file not found: {path}")
     if path.suffix.lower() == ".json":
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WsclipError(f"{path} is not valid JSON: {exc}") from None
+        table = read_json(path)
         if isinstance(table, list):
             table = read_name_labels(path, classes)
     else:
