@@ -255,35 +255,37 @@ class Job:
         if self.on_error == "fail":
             self.raise_failure()
 
-    def record(self, rec: dict) -> None:
-        """Write one record (ok or error) and count it."""
+    def record(self, rec: dict, fatal: bool = True) -> None:
+        """Write one record (ok or error) and count it. An error with fatal=False (a bad input image, an
+        item an upstream job skipped) never stops the run, whatever on_error says."""
         self.write(rec)
-        self.account(rec)
+        self.account(rec, fatal)
 
     def write(self, rec: dict) -> None:
         """Make one record durable (manifest line, fsynced); thread-safe, so pool callbacks call it."""
         self.manifest.append([rec])
 
-    def account(self, rec: dict) -> None:
+    def account(self, rec: dict, fatal: bool = True) -> None:
         """Count a written record: progress bar, first failure, on_item (call from the job's own thread)."""
         ok = rec.get("status") == "ok"
         with self._count_lock:
             self.counts["done" if ok else "errors"] += 1
-            if not ok and self.first_failure is None:
+            if not ok and fatal and self.first_failure is None:
                 self.first_failure = f"{rec['id']}: {rec.get('error', '')}"
             if self._bar is not None:
                 self._bar.update(1)
                 if self.counts["errors"]:
                     self._bar.set_postfix(errors=self.counts["errors"])
-        if not ok and self.on_error == "skip":
+        if not ok and (self.on_error == "skip" or not fatal):
             print(f"wsclip {self.name}: skipped {rec['id']}: {rec.get('error', '')}", file=sys.stderr)
         if ok and self.on_item is not None:
             self.on_item(rec["id"])
 
     @contextlib.contextmanager
-    def item(self, item_id: str, **fields):
-        """Work on one item: on success its ok record is written; a WsclipError or OSError inside
-        becomes its error record (the run goes on; under on_error="fail" the error propagates)."""
+    def item(self, item_id: str, defer: bool = False, **fields):
+        """Work on one item: on success its ok record is written (unless `defer`: the block hands the
+        item to `submit`, whose callback records it once its outputs are written); a WsclipError or
+        OSError inside becomes its error record (the run goes on; under on_error="fail" it propagates)."""
         extra = dict(fields)
         try:
             yield extra  # the caller may add fields to the item's record
@@ -292,7 +294,8 @@ class Job:
             if self.on_error == "fail":
                 raise  # the item's own error, with its own type
             return
-        self.done(item_id, **extra)
+        if not defer:
+            self.done(item_id, **extra)
 
     def submit(self, pool, item_id: str, fn: Callable, *args) -> None:
         """Run fn(*args) for one item in `pool`; its record is written the moment it finishes.

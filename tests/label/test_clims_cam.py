@@ -208,3 +208,25 @@ def test_eval_cam_threshold_tie_is_background(tmp_path):
     cms = evaluate_cams(tmp_path / "cams", tmp_path / "gt", [0.25, 0.125], num_classes=4)
     np.testing.assert_array_equal(cms[0.25].mat[3], [1, 0, 0, 1])  # 0.25 at t = 0.25 -> background
     np.testing.assert_array_equal(cms[0.125].mat[[0, 3]], [[1, 0, 0, 0], [0, 0, 0, 2]])
+
+
+def test_cam_job_compat_official_writes_the_public_make_cam(voc14, tmp_path):
+    """`wsclip cam --compat official` on real VOC images: the files hold the public code's CAMs; the
+    settings fingerprint refuses resuming the folder in wsclip's mode."""
+    from wsclip.io import read_image
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "cam.safetensors"
+    net = build_camnet("tiny", num_classes=20)
+    save_camnet(ckpt, net, [f"c{i}" for i in range(20)])
+    out = tmp_path / "cams"
+    assert main(["cam", "--checkpoint", str(ckpt), "--data", str(voc14), "--split", "val", "--out", str(out),
+                 "--scales", "0.5,0.25", "--workers", "0", "--device", "cpu", "--compat", "official"]) == 0
+    image_id = sorted(p.stem for p in out.glob("*.npz"))[0]
+    z = read_cam_file(out / f"{image_id}.npz")
+    image = read_image(voc14 / "JPEGImages" / f"{image_id}.jpg")
+    ref_low, ref_high = _official_cam(net.eval(), image, (0.5, 0.25), z["keys"].tolist())
+    np.testing.assert_allclose(z["cam"].astype(np.float32), ref_low.numpy(), atol=1e-3)
+    np.testing.assert_allclose(z["high_res"].astype(np.float32), ref_high.numpy(), atol=1e-3)
+    assert main(["cam", "--checkpoint", str(ckpt), "--data", str(voc14), "--split", "val", "--out", str(out),
+                 "--scales", "0.5,0.25", "--workers", "0", "--device", "cpu"]) == 2  # other settings: refused

@@ -226,7 +226,7 @@ def test_cli_clip_es_flags_reach_the_config(tmp_path, voc14):
     ckpt = tmp_path / "tiny.safetensors"
     c = tiny_clip(patch=16)
     save_clip(ckpt, c, c.model_cfg, "tiny-vit")
-    flags = ["--pooling", "mean", "--caa-layers", "1", "--box-compat", "--backend", "torch", "--box-threshold", "0.5"]
+    flags = ["--pooling", "mean", "--caa-layers", "1", "--box-compat", "--caa-backend", "torch", "--box-threshold", "0.5"]
     assert main(["cam", "--method", "clip-es", "--clip", str(ckpt), "--data", str(data), "--split", "val",
                  "--out", str(tmp_path / "cli"), "--device", "cpu", "--workers", "0", *flags]) == 0
     cfg = ClipEsConfig(pooling="mean", caa_layers=1, box_compat=True, caa_backend="torch", box_threshold=0.5)

@@ -258,13 +258,19 @@ def make_pseudo_masks(
         try:
             for image_id in job.start(ids):
                 if image_id in cam_errors and not (cam_dir / f"{image_id}.npz").is_file():
-                    job.record(error_record(image_id, f"no CAM file: `wsclip cam` skipped it ({cam_errors[image_id]})"))
+                    job.record(error_record(image_id, f"no CAM file: `wsclip cam` skipped it ({cam_errors[image_id]})"),
+                               fatal=False)
                     continue
-                with job.item(image_id) as fields:
-                    cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
-                    image = None
-                    if need_image:
+                image = None
+                if need_image:
+                    try:
                         image = ds.load_image(ds.index(image_id))
+                    except WsclipError as exc:  # a bad image never stops the run (whatever --on-error says)
+                        job.record(error_record(image_id, str(exc)), fatal=False)
+                        continue
+                with job.item(image_id, defer=pool is not None) as fields:
+                    cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
+                    if need_image:
                         if tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
                             raise BadFileError(
                                 f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x"
