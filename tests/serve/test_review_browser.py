@@ -49,9 +49,15 @@ def browser():
 
 
 def _wait(pred, timeout=60.0, what="condition"):
+    """pred() once true; an element the page re-rendered meanwhile (stale) counts as not yet."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
-        v = pred()
+        try:
+            v = pred()
+        except StaleElementReferenceException:
+            v = None
         if v:
             return v
         time.sleep(0.1)
@@ -75,7 +81,11 @@ def test_review_page_in_headless_chromium(labelled_synth, browser, tmp_path):
         assert "token" not in browser.current_url  # the fragment is dropped once read
 
         def current():
-            return browser.find_element(By.ID, "image-id").text
+            return browser.execute_script("return document.getElementById('image-id').textContent")
+
+        def rows():  # read in one script call: the list re-renders between separate element reads
+            return browser.execute_script(
+                "return [...document.querySelectorAll('#list div')].map(d => d.getAttribute('data-id'))")
 
         def images_loaded():
             return browser.execute_script(
@@ -83,8 +93,7 @@ def test_review_page_in_headless_chromium(labelled_synth, browser, tmp_path):
                 " && document.querySelectorAll('#cams img').length > 0")
 
         assert current() == worst_first[0]  # sorted by score, worst first
-        rows = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#list div")]
-        assert rows == worst_first
+        assert rows() == worst_first
         _wait(images_loaded, what="photo, overlay and CAM heatmaps")
         body = browser.find_element(By.TAG_NAME, "body")
         body.send_keys(Keys.ARROW_RIGHT)
@@ -97,7 +106,9 @@ def test_review_page_in_headless_chromium(labelled_synth, browser, tmp_path):
         _wait(lambda: marks_file.is_file() and len(json.loads(marks_file.read_text())["marks"]) == 2, what="marks file")
         marks = {k: v["status"] for k, v in json.loads(marks_file.read_text())["marks"].items()}
         assert marks == {worst_first[0]: "rejected", worst_first[1]: "accepted"}
-        assert "rejected" in browser.find_element(By.CSS_SELECTOR, f"#list div[data-id='{worst_first[0]}']").get_attribute("class")
+        _wait(lambda: "rejected" in browser.execute_script(
+            "return document.querySelector(`#list div[data-id='${arguments[0]}']`).className", worst_first[0]),
+            what="rejected row marked")
         # filter by a class present in some images: only those are listed
         meta = httpx.get(f"{url}/review/api/images", headers={"Authorization": f"Bearer {REVIEW_TOKEN}"}, timeout=60)
         per_class = {}
@@ -106,10 +117,9 @@ def test_review_page_in_headless_chromium(labelled_synth, browser, tmp_path):
                 per_class.setdefault(k, set()).add(im["id"])
         k, ids = min(per_class.items(), key=lambda kv: (len(kv[1]), kv[0]))
         Select(browser.find_element(By.ID, "class-filter")).select_by_value(str(k))
-        _wait(lambda: {r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#list div")} == ids,
-              what="class filter")
+        _wait(lambda: set(rows()) == ids, what="class filter")
         Select(browser.find_element(By.ID, "class-filter")).select_by_value("")
-        _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#list div")) == len(worst_first), what="filter off")
+        _wait(lambda: len(rows()) == len(worst_first), what="filter off")
         here = worst_first.index(current())  # the filter kept the image it showed, or went to its top
         nxt = here + 1 if here + 1 < len(worst_first) else here - 1
         browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT if nxt > here else Keys.ARROW_LEFT)
