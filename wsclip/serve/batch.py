@@ -150,17 +150,19 @@ def image_quality(image_id: str, mask: np.ndarray, result: LabelResult, before, 
     return assess(mask, result.keys, result.cams, before, gt=gt, num_classes=len(opts.classes) + 1)
 
 
-def label_window(labeler, items: Sequence[tuple], want_cams: bool) -> tuple[list[tuple], list[dict]]:
+def label_window(labeler, items: Sequence[tuple], want_cams: bool, on_result=None) -> tuple[list[tuple], list[dict]]:
     """Run the labeler on one window of decoded items (index, id, image, labels, error).
 
-    Returns ([(id, image, result)], [error records]). A failure of the whole window (e.g. labels
-    missing) raises; a bad image only fails itself.
+    Returns ([(id, image, result)], [error records]); `on_result(id, image, result)` gets each image
+    as soon as its batch is done. A failure of the whole window (e.g. labels missing) raises; a bad
+    image only fails itself.
     """
     good = [it for it in items if it[4] is None]
     errors = [error_record(it[1], it[4]) for it in items if it[4] is not None]
     if not good:
         return [], errors
-    results = labeler.label_batch([it[2] for it in good], [it[3] for it in good], want_cams=want_cams)
+    hand = None if on_result is None else (lambda i, r: on_result(good[i][1], good[i][2], r))
+    results = labeler.label_batch([it[2] for it in good], [it[3] for it in good], want_cams=want_cams, on_result=hand)
     return [(it[1], it[2], r) for it, r in zip(good, results)], errors
 
 
@@ -404,13 +406,10 @@ def _run(labeler, source: ImageSource, run: LabelRunConfig, job: Job, window: in
             items = [next(it) for _ in w]
             if gpu_jpeg:
                 items = gpu_decode(items, labeler.device)
-            labelled, errs = label_window(labeler, items, opts.wants_cams)
-            for rec in errs:
-                if rec["id"] not in done:
-                    job.record(rec)
-            for image_id, image, result in labelled:
+
+            def hand_over(image_id, image, result):  # as soon as its batch is done: encoding overlaps the next one
                 if image_id in done:
-                    continue
+                    return
                 image = host_image(image) if opts.crf or opts.overlays else None  # only these need the pixels
                 if pool is None:
                     try:
@@ -420,6 +419,11 @@ def _run(labeler, source: ImageSource, run: LabelRunConfig, job: Job, window: in
                     job.record(rec)
                 else:
                     job.submit(pool, image_id, finish_image, image_id, image, result, opts, source.file_of(image_id))
+
+            _, errs = label_window(labeler, items, opts.wants_cams, on_result=hand_over)
+            for rec in errs:
+                if rec["id"] not in done:
+                    job.record(rec)
             job.drain(keep=limit)
             if job.first_failure and run.on_error == "fail":
                 break

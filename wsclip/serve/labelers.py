@@ -216,8 +216,11 @@ class Labeler:
                 "predict": {_OwnScores: "cam-scores", ClipZeroShot: "clip-zero-shot"}.get(type(self.predictor), "none")}
 
     def label_batch(self, images: Sequence[np.ndarray], labels: Sequence | None = None,
-                    want_cams: bool = False) -> list[LabelResult]:
-        """Label RGB uint8 (H, W, 3) images; `labels[i]` a (K,) 0/1 vector or None (predicted when needed)."""
+                    want_cams: bool = False, on_result=None) -> list[LabelResult]:
+        """Label RGB uint8 (H, W, 3) images; `labels[i]` a (K,) 0/1 vector or None (predicted when needed).
+
+        `on_result(i, result)` is called as soon as image i's batch is done (so a caller can write its
+        files while the next batch runs); the results are returned as well."""
         with stage("preprocess"):  # input checks and the batch plan
             images = list(images)
             _check_images(images)
@@ -232,6 +235,8 @@ class Labeler:
             for idx in plan:
                 for i, r in zip(idx, self._run_group([images[i] for i in idx], [labels[i] for i in idx], want_cams)):
                     out[i] = r
+                    if on_result is not None:
+                        on_result(i, r)
         return out  # type: ignore[return-value]
 
     def _split_for_cpu(self, idx: list[int], hw: tuple[int, int]) -> list[list[int]]:
