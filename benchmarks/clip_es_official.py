@@ -253,13 +253,12 @@ def main(argv=None) -> int:
         "maps_vs_official": {s: _compare(a.work / "cams_official", a.work / f"cams_{s}", ids)
                              for s in ("wsclip-official", "wsclip")},
     }
-    a.results.parent.mkdir(parents=True, exist_ok=True)
-    a.results.write_text(json.dumps(record, indent=1) + "\n")
-    for s in ("wsclip-official", "wsclip"):
-        m = record["maps_vs_official"][s]
-        print(f"{SIDES[s]}: public/wsclip wall {record['ratio_official_over'][s]['wall_s']}x; maps max |diff| "
-              f"{m['max_abs_diff']}, {m['within_1e-2_pct']}% within 1e-2, keys match {m['all_keys_match']}")
-    print(f"wrote {a.results}")
+    from wsclip.io import atomic_write_json
+
+    atomic_write_json(a.results, record)
+    print("\n".join(f"{SIDES[s]}: public/wsclip wall {record['ratio_official_over'][s]['wall_s']}x; maps max |diff| "
+                    f"{m['max_abs_diff']}, {m['within_1e-2_pct']}% within 1e-2, keys match {m['all_keys_match']}"
+                    for s, m in record["maps_vs_official"].items()) + f"\nwrote {a.results}")
     return 0
 
 
