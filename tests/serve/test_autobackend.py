@@ -85,3 +85,17 @@ def test_explicit_backends_and_errors(cam_ckpt):
     with torch_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_auto_under_compat_official_never_offers_onnx_runtime(cam_ckpt, tmp_path, monkeypatch):
+    """The official CAM path resizes with PIL on the host, which no exported graph computes: auto probes the
+    PyTorch variants only, and its masks are those of the eager official labeler."""
+    monkeypatch.setenv("WSCLIP_CACHE", str(tmp_path / "cache"))
+    images = [np.random.default_rng(1).integers(0, 256, (37, 50, 3), dtype=np.uint8)]
+    y = [np.eye(len(VOC_CLASSES), dtype=np.float32)[[2, 7]].sum(0)]
+    cfg = LabelerConfig(model=str(cam_ckpt), device="cpu", compat="official", scales=(1.0, 0.5))
+    lab = load_labeler(cfg)
+    got = lab.label_batch(images, y)[0]
+    assert lab.module.preprocess == "pil" and "onnxruntime" not in lab._variants.report["variants"]
+    ref = load_labeler(cfg.replace(backend="eager")).label_batch(images, y)[0]
+    assert (got.mask == ref.mask).mean() > 0.99

@@ -150,11 +150,15 @@ def test_crf_refinement_matches_dense_crf(cam_ckpt, voc14):
     # --compat official: the labeler's CRF sees the public code's wrapped BGR image
     from wsclip.refine.crf import CRFParams
 
+    # (its CAMs are the official path's own: padded stride grid, so they are stacked from `o` itself)
     official = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", refine="crf", compat="official"))
-    (o,) = official.label_batch([image], [y])
+    (o,) = official.label_batch([image], [y], want_cams=True)
     assert o.crf_params.uint8_wrap is True and not r.crf_params.uint8_wrap
-    want = np.array([0, 1, 15], np.uint8)[dense_crf(image, stacked, CRFParams(uint8_wrap=True)).argmax(0)]
-    assert np.array_equal(refine_result(image, o).mask, want) and not np.array_equal(want, expect)
+    o_stacked = np.concatenate([np.full((1, *image.shape[:2]), official.bg, np.float32), o.cams])
+    values = np.array([0, 1, 15], np.uint8)
+    want = values[dense_crf(image, o_stacked, CRFParams(uint8_wrap=True)).argmax(0)]
+    assert np.array_equal(refine_result(image, o).mask, want)
+    assert not np.array_equal(want, values[dense_crf(image, o_stacked).argmax(0)])  # the wrap changes the masks
 
 
 def test_seg_labeler_matches_seg_module(tmp_path):

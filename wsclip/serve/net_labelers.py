@@ -79,12 +79,16 @@ class _VariantSlot:
 
             key = cache_key(lab.cfg.model, {**self.options, "method": lab.method}, lab.device)
             chosen, self.report = resolve(self.name, lab.module, lab.device, lab.cfg.amp, key, lambda: x[:1],
-                                          names, scores_of, make_onnx=self._export)
+                                          names, scores_of, make_onnx=self._export if self._exportable() else None)
             if isinstance(chosen, Variant):
                 self.variant, lab.variant = chosen, chosen.name
             else:  # ONNX Runtime won: it runs the network; the module stays for class-score prediction
                 self.variant, lab.runner, lab.variant = Variant(lab.module, "eager", lab.device), chosen, "onnxruntime"
         return self.variant
+
+    def _exportable(self) -> bool:
+        """Whether the exported graph computes what the module does (not the official PIL-resize CAM path)."""
+        return getattr(self.lab.module, "preprocess", "tensor") == "tensor"
 
     def _export(self) -> Path:
         """The labeler's checkpoint exported to ONNX once, into the cache (reused while the file is unchanged)."""
