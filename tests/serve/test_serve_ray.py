@@ -10,6 +10,16 @@ from wsclip.serve.batch import Manifest
 pytest.importorskip("ray.data")
 
 
+def _approx(tree):
+    """`tree` with every float wrapped in a tolerance: the quality statistics are float32 sums whose last
+    printed digit depends on which images share a batch (Ray batches the unlabelled remainder differently)."""
+    if isinstance(tree, dict):
+        return {k: _approx(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_approx(v) for v in tree]
+    return pytest.approx(tree, abs=1e-5) if isinstance(tree, float) else tree
+
+
 def test_ray_path_matches_local_path(small_folder, cam_ckpt, tmp_path):
     labels = small_folder.parent / f"{small_folder.name}_labels.json"
     common = ["--images", str(small_folder), "--model", str(cam_ckpt), "--device", "cpu", "--batch-size", "2",
@@ -31,6 +41,6 @@ def test_ray_path_matches_local_path(small_folder, cam_ckpt, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in ray_out.glob("*.png") if p.name in done} == done
     assert (local / "annotations.json").read_bytes() == (ray_out / "annotations.json").read_bytes()
     a, b = Manifest(local / "manifest.jsonl").records, Manifest(ray_out / "manifest.jsonl").records
-    assert a == b
+    assert a == _approx(b)
     summary = json.loads((ray_out / "summary.json").read_text())
     assert summary["labelled"] == 5 and summary["skipped_done"] == 3 and summary["labeler"]["ray_actors"] == 2
