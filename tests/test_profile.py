@@ -37,10 +37,9 @@ def _check_run(run, must_have):
     for s in run["stages"].values():
         assert set(s) == KEYS and s["p50_ms"] <= s["p95_ms"] + 1e-9 <= s["p99_ms"] + 2e-9
     assert abs(sum(s["share"] for s in run["stages"].values()) - 1.0) < 1e-6
-    # the named stages account for the end-to-end time: within 10% when the machine is quiet (alone on the
-    # 2-core box: >= 0.9); another process on the cores moved tiny-model runs to 0.88 and under heavy
-    # load to 0.59, time spent between stages (thread hand-offs), so the suite allows 20%
-    assert 0.8 <= run["stage_sum_over_end_to_end"] <= 1.0 + 1e-6
+    # the named stages account for the end-to-end time within 10% (the bound); what is left is the
+    # loop's own Python between the stages (0.93-0.96 idle on the 2-core box, 0.96-1.0 with both cores loaded)
+    assert 0.9 <= run["stage_sum_over_end_to_end"] <= 1.0 + 1e-6, run["stages"]
     assert run["throughput_images_per_s"] > 0 and run["end_to_end"]["p50_ms"] > 0
     assert run["peak_process_rss_MB"] > 0 and run["peak_cuda_MB"] is None
     assert run["bottleneck"].endswith(".") and "bounds this run" in run["bottleneck"]

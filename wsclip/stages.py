@@ -82,32 +82,31 @@ class StageRecorder:
     @contextlib.contextmanager
     def span(self, name: str, device=None):
         cuda = device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available()
-        ranges = contextlib.ExitStack()
-        if self.annotate:
-            ranges.enter_context(torch.profiler.record_function(f"wsclip.{name}"))
-            if cuda:
-                ranges.enter_context(torch.cuda.nvtx.range(f"wsclip.{name}"))
-        with ranges:
-            if cuda:
-                start = torch.cuda.Event(enable_timing=True)
-                start.record()
-            else:
-                start = time.perf_counter()
-            sp = _Span(name, start, cuda=cuda)
-            parent = self._stack[-1] if self._stack else None
-            self._stack.append(sp)
-            try:
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            start = time.perf_counter()  # before the annotations: their cost is the stage's, not "other"
+        sp = _Span(name, start, cuda=cuda)
+        parent = self._stack[-1] if self._stack else None
+        self._stack.append(sp)
+        try:
+            with contextlib.ExitStack() as ranges:
+                if self.annotate:
+                    ranges.enter_context(torch.profiler.record_function(f"wsclip.{name}"))
+                    if cuda:
+                        ranges.enter_context(torch.cuda.nvtx.range(f"wsclip.{name}"))
                 yield sp
-            finally:
-                self._stack.pop()
-                if cuda:
-                    sp.end = torch.cuda.Event(enable_timing=True)
-                    sp.end.record()
-                else:
-                    sp.end = time.perf_counter()
-                if parent is not None and parent.cuda == sp.cuda:
-                    parent.children.append(sp)
-                self._done.append(sp)
+        finally:
+            self._stack.pop()
+            if cuda:
+                sp.end = torch.cuda.Event(enable_timing=True)
+                sp.end.record()
+            else:
+                sp.end = time.perf_counter()
+            if parent is not None and parent.cuda == sp.cuda:
+                parent.children.append(sp)
+            self._done.append(sp)
 
     def collect(self) -> dict[str, float]:
         """{stage: exclusive seconds} of the spans finished since the last call (synchronises CUDA once)."""

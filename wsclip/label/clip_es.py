@@ -229,8 +229,8 @@ class ClipEs:
                                           frozen_dtype=torch.bfloat16 if compute == "bf16" else None)
             h, w = trace.grid
             probs = self.class_probs(self.image_embedding(trace), keys)
-        valid = keys >= 0
-        raw = torch.zeros(B, S, h, w, device=self.device)
+            valid = keys >= 0
+            raw = torch.zeros(B, S, h, w, device=self.device)
         if S and valid.any():
             with stage("backward", self.device):
                 # slot s of grad_outputs selects, for every image at once, its s-th class probability
@@ -246,11 +246,12 @@ class ClipEs:
                 weights = grads[:, :, 1:].float().mean(dim=2)  # (S, B, C): spatial mean of each channel's gradient
                 cam = torch.einsum("sbc,bnc->bsn", weights, acts).clamp_min(0).reshape(B, S, h, w)
                 raw = gradcam_minmax(cam) * valid[:, :, None, None]
-        trace.tokens = None  # the last block's activations are not needed any more
+                trace.tokens = None  # the last block's activations are not needed any more
         refined = None
         if self.cfg.caa:
             with stage("caa", self.device):
                 refined = self._caa(trace.attn[0][:, 1:, 1:], raw, h, w) * valid[:, :, None, None]
+                del trace  # freeing the attention maps is part of this stage's cost
         return {"raw": raw.detach(), "refined": None if refined is None else refined.detach(), "probs": probs.detach()}
 
     def _caa(self, attn: torch.Tensor, raw: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -283,10 +284,10 @@ class ClipEs:
     def _label(self, images: Sequence, keys: Sequence) -> list[dict]:
         with stage("preprocess", self.device):
             pixels = torch.stack([self.preprocess(im) for im in images])
-        S = max((len(k) for k in keys), default=0)
-        kt = torch.full((len(images), S), -1, dtype=torch.long)
-        for i, k in enumerate(keys):
-            kt[i, : len(k)] = torch.as_tensor(list(k), dtype=torch.long)
+            S = max((len(k) for k in keys), default=0)
+            kt = torch.full((len(images), S), -1, dtype=torch.long)
+            for i, k in enumerate(keys):
+                kt[i, : len(k)] = torch.as_tensor(list(k), dtype=torch.long)
         res = self.forward(pixels, kt)
         with stage("postprocess", self.device):
             return self._items(images, keys, res)

@@ -83,12 +83,14 @@ def finish_image(image_id: str, image, result: LabelResult, opts: OutputOptions,
     """
     from wsclip.serve.labelers import refine_result
 
-    image = host_image(image) if (opts.crf or opts.overlays) and image is not None else None
-    before = result.mask.copy() if opts.crf and result.crf_scores is not None else None
+    before = None
     if opts.crf:
         with stage("crf"):
+            image = host_image(image) if image is not None else None
+            before = result.mask.copy() if result.crf_scores is not None else None
             result = refine_result(image, result)
     with stage("encode"):
+        image = host_image(image) if opts.overlays and image is not None else image  # only overlays draw it
         return _write_outputs(image_id, image, result, opts, path, before)
 
 

@@ -351,9 +351,11 @@ class ClipEsLabeler(Labeler):
         self.predictor = _make_predictor(cfg, self, own_scores=False, clip=clip)
 
     def _run_group(self, images, labels, want_cams):
-        y, scores = self._fill_labels(images, labels)
-        keys = [np.nonzero(y[i] > 0.5)[0].astype(np.int64) for i in range(len(images))]
-        items = self.impl.label([host_image(im) for im in images], [k.tolist() for k in keys])
+        with stage("preprocess"):
+            y, scores = self._fill_labels(images, labels)  # a zero-shot label prediction counts here
+            keys = [np.nonzero(y[i] > 0.5)[0].astype(np.int64) for i in range(len(images))]
+            images = [host_image(im) for im in images]
+        items = self.impl.label(images, [k.tolist() for k in keys])
         self.variant = self.impl.compute
         with stage("d2h", self.device):
             highs = [item["high_res"].float().cpu().numpy() for item in items]  # (K', H, W) each

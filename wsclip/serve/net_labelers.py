@@ -163,21 +163,21 @@ class CamNetLabeler(Labeler):
 
     def _cams(self, x: torch.Tensor, want_scores: bool, want_low: bool = False):
         """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None, stride-4 CAMs or None)."""
-        variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
-        if self.runner is not None and (self.module is None or not (want_scores or want_low)):
-            with stage("forward", self.device):
+        with stage("forward", self.device):
+            variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
+            if self.runner is not None and (self.module is None or not (want_scores or want_low)):
                 out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
                 return torch.from_numpy(out["cams"]).to(self.device), None, None
-        raw = []
-        hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
-        try:
-            with stage("forward", self.device), precision(self.device):  # the variant sets its own autocast
-                maps = variant(x, None, low=want_low, method="cams", eager=want_scores)  # hooks need the eager module
-        finally:
-            if hook is not None:
-                hook.remove()
-        scores = torch.sigmoid(raw[0].float().mean(dim=(2, 3))).cpu().numpy() if raw else None
-        return maps[0].float(), scores, maps[1].float() if want_low else None
+            raw = []
+            hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
+            try:
+                with precision(self.device):  # the variant sets its own autocast
+                    maps = variant(x, None, low=want_low, method="cams", eager=want_scores)  # hooks need the eager module
+            finally:
+                if hook is not None:
+                    hook.remove()
+            scores = torch.sigmoid(raw[0].float().mean(dim=(2, 3))).cpu().numpy() if raw else None
+            return maps[0].float(), scores, maps[1].float() if want_low else None
 
     def _run_group(self, images, labels, want_cams):
         with stage("h2d", self.device):
