@@ -43,7 +43,7 @@ def test_probe_keeps_only_passing_variants_and_auto_remembers(cam_ckpt, tmp_path
 
     module = load_cam_labeler(cam_ckpt)
     x = torch.randint(0, 256, (1, 3, 45, 33), dtype=torch.uint8)
-    rep = probe(module, x, module.output_names, _scores, reps=1)
+    rep = probe(module, x, module.output_names, _scores, rounds=2)
     assert rep["variants"]["eager"]["ok"] and set(rep["variants"]) == {"eager", "channels-last"} | (
         {"bf16"} if cpu_has_bf16() else set())
     assert rep["choice"] in [n for n, v in rep["variants"].items() if v["ok"]]
