@@ -99,3 +99,37 @@ def test_auto_under_compat_official_never_offers_onnx_runtime(cam_ckpt, tmp_path
     assert lab.module.preprocess == "pil" and "onnxruntime" not in lab._variants.report["variants"]
     ref = load_labeler(cfg.replace(backend="eager")).label_batch(images, y)[0]
     assert (got.mask == ref.mask).mean() > 0.99
+
+
+def test_auto_that_chose_onnx_runtime_runs_it_for_cam_files_too(cam_ckpt, tmp_path, monkeypatch):
+    """Where ONNX Runtime won the probe, it runs the network whether or not CAMs are wanted (they were
+    given to eager PyTorch at one torch thread before: 2.5x slower with the quality score on, measured);
+    the masks do not depend on --cams, and the CAM file's stride-4 maps are resized from its CAMs."""
+    pytest.importorskip("onnxruntime")
+    from wsclip.serve import autobackend
+    from wsclip.serve.batch import cam_low
+
+    monkeypatch.setenv("WSCLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(autobackend, "remembered", lambda key: "onnxruntime")  # as if a probe had chosen it
+    images = [np.random.default_rng(2).integers(0, 256, (45, 61, 3), dtype=np.uint8)]
+    y = [np.eye(len(VOC_CLASSES), dtype=np.float32)[[3, 11]].sum(0)]
+    lab = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu"))
+    plain = lab.label_batch(images, y)[0]
+    assert lab.variant == "onnxruntime" and lab.runner is not None
+    calls = []
+    run = lab.runner.run
+    monkeypatch.setattr(lab.runner, "run", lambda x: calls.append(x.shape) or run(x))
+    got = lab.label_batch(images, y, want_cams=True)[0]
+    assert calls == [(1, 3, 45, 61)] and np.array_equal(got.mask, plain.mask)
+    assert got.cams.shape == (2, 45, 61) and got.low is None
+    low = cam_low(got)
+    assert low.shape == (2, 12, 16) and np.allclose(low.max(axis=(1, 2)), 1.0, atol=1e-4)
+    eager = load_labeler(LabelerConfig(model=str(cam_ckpt), device="cpu", backend="eager"))
+    ref = eager.label_batch(images, y, want_cams=True)[0]
+    assert (ref.mask == got.mask).mean() > 0.99 and np.abs(ref.cams - got.cams).max() < 1e-3
+    # labels to predict need the module's class scores: that group runs in PyTorch, with all torch threads
+    seen = []
+    hook = lab.module.camnet.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    pred = lab.label_batch(images, [None])[0]
+    hook.remove()
+    assert pred.predicted and len(calls) == 1 and seen and set(seen) == {torch.get_num_threads()}

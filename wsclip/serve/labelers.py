@@ -203,6 +203,7 @@ class Labeler:
 
         self.crf_params = resolve(CRFParams(), cfg.compat)  # the --compat official CRF image (BGR, uint8 wrap)
         self.variant: str | None = None  # PyTorch modules: the backend variant once resolved
+        self.torch_threads = torch.get_num_threads()  # a PyTorch network's (torch runs at 1 around an exported one)
 
     @property
     def num_classes(self) -> int:

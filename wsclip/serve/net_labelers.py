@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from wsclip.errors import CheckpointError, WsclipError
-from wsclip.label.backends import Variant
+from wsclip.label.backends import Variant, torch_threads
 from wsclip.label.masks import background_argmax
 from wsclip.registry import ENGINE_SUFFIXES, is_export
 from wsclip.runtime import precision, resolve_device
@@ -165,13 +165,15 @@ class CamNetLabeler(Labeler):
         """(max-normalised CAMs (B, K, H, W) of every class, class scores (B, K) or None, stride-4 CAMs or None)."""
         with stage("forward", self.device):
             variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
-            if self.runner is not None and (self.module is None or not (want_scores or want_low)):
+            # ONNX Runtime (exported, or `auto`'s choice) gives the full-size CAMs: the stride-4 maps of CAM
+            # files are then resized from them (`cam_low`), so the masks never depend on --cams
+            if self.runner is not None and (self.module is None or not want_scores):
                 out = self.runner.run(x.cpu().numpy() if not x.is_cuda else x)
                 return torch.from_numpy(out["cams"]).to(self.device), None, None
             raw = []
             hook = self.module.camnet.register_forward_hook(lambda m, i, o: raw.append(o)) if want_scores else None
-            try:
-                with precision(self.device):  # the variant sets its own autocast
+            try:  # all of torch's threads, also where ONNX Runtime won `auto` but cannot give what is asked
+                with torch_threads(self.torch_threads), precision(self.device):  # the variant sets its own autocast
                     maps = variant(x, None, low=want_low, method="cams", eager=want_scores)  # hooks need the eager module
             finally:
                 if hook is not None:
@@ -242,8 +244,8 @@ class SegNetLabeler(Labeler):
     def _run_group(self, images, labels, want_cams):
         with stage("h2d", self.device):
             x = _stack(images, self.device)
-        variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
         with stage("forward", self.device):
+            variant = self._variants.get(x) if self.module is not None else None  # auto may pick ONNX Runtime
             if self.runner is not None:
                 probs = torch.from_numpy(self.runner.run(x.cpu().numpy() if not x.is_cuda else x)["probs"]).to(self.device)
             else:
