@@ -17,6 +17,8 @@ Stages (each resumable: re-running skips finished work under --work):
 Writes benchmarks/results/synth_seg[_<pseudo>].json.
 
     .venv/bin/python benchmarks/synth_seg.py [--pseudo cam|clip-es|degraded-gt] [--seg-steps N] [--quick]
+    .venv/bin/python benchmarks/synth_seg.py --world <demo out>/world \
+        --cam-model <demo out>/runs/clims-otm-btm-reg-cbs/camnet.safetensors    # the demo's CLIMS masks
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 7  # background + the 6 synth classes
+DEMO_SCALES = (1.0, 0.5, 1.5, 2.0)  # the CAM scales of `wsclip demo` and the ablation
 
 
 def log(msg: str) -> None:
@@ -48,15 +51,25 @@ def miou_of(pred_dir, gt_dir, split_file) -> float:
 
 # ----------------------------------------------------------------------------- pseudo masks: CAM pipeline
 def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confidence: float, cams=None,
-                     cam_key: str = "high_res", bg: str = "threshold") -> dict:
-    """CAMs (baseline CAM network trained here, or `cams` given) -> background: the threshold chosen by
-    the CAM sweep on train, or (1 - max)^1 (bg="power", CLIP-ES) -> `wsclip pseudo` (CRF, CGL) ->
-    work/pseudo (with 255) and work/pseudo_argmax."""
+                     cam_key: str = "high_res", bg: str = "threshold", cam_model: Path | None = None,
+                     val_cams: Path | None = None) -> dict:
+    """CAMs (baseline CAM network trained here, `cam_model`'s, or `cams` given) -> background: the threshold
+    chosen by the CAM sweep on train, or (1 - max)^1 (bg="power", CLIP-ES) -> `wsclip pseudo` (CRF, CGL) ->
+    work/pseudo (with 255) and work/pseudo_argmax; the same recipe on val (`val_cams`, or `cam_model`'s)
+    -> work/pseudo_val, so the network can be read against its labels on the split it is evaluated on."""
     from wsclip.label.clims_cam import evaluate_cams, make_cams
     from wsclip.label.pseudo import PseudoConfig, make_pseudo_masks
 
     info: dict = {"source": "cam"}
-    if cams is None:
+    if cam_model is not None:
+        info.update(source=f"cam (the CAM network {cam_model})")
+        t0 = time.time()
+        log(f"multi-scale CAMs of the train and val splits with {cam_model}")
+        cams, val_cams = work / "cams", work / "cams_val"
+        for split, d in (("train", cams), ("val", val_cams)):
+            make_cams(cam_model, f"voc:{world}", d, split=split, scales=DEMO_SCALES, device="cpu", num_workers=0)
+        info["cam_infer_s"] = round(time.time() - t0, 1)
+    elif cams is None:
         from wsclip.config import CamConfig, from_preset
         from wsclip.train.baseline_cam import train_cam
 
@@ -73,6 +86,8 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
         log("multi-scale CAMs of the train split")
         cams = work / "cams"
         make_cams(cam_ckpt, f"voc:{world}", cams, split="train", device="cpu", num_workers=1)
+        val_cams = work / "cams_val"
+        make_cams(cam_ckpt, f"voc:{world}", val_cams, split="val", device="cpu", num_workers=1)
         info["cam_infer_s"] = round(time.time() - t0, 1)
     else:
         info.update(source=f"cam files from {cams}")
@@ -91,12 +106,15 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
     if full.exists() and (not stamp.is_file() or json.loads(stamp.read_text()) != settings):
         import shutil
 
-        for d in (full, cgl, work / "seg", work / "pred_val", work / "pred_train"):  # and what was built on them
+        for d in (full, cgl, work / "pseudo_val", work / "seg", work / "pred_val", work / "pred_train"):  # and what was built on them
             shutil.rmtree(d, ignore_errors=True)
     t0 = time.time()
     for out, conf in ((full, None), (cgl, confidence)):
         cfg = PseudoConfig(key=cam_key, bg=bg, bg_threshold=best, crf=crf, confidence=conf, workers=1)
         make_pseudo_masks(cams, out, data=f"voc:{world}", split="train", cfg=cfg, device="cpu")
+    if val_cams is not None:
+        cfg = PseudoConfig(key=cam_key, bg=bg, bg_threshold=best, crf=crf, confidence=None, workers=1)
+        make_pseudo_masks(val_cams, work / "pseudo_val", data=f"voc:{world}", split="val", cfg=cfg, device="cpu")
     stamp.write_text(json.dumps(settings))
     info.update(bg=bg if bg == "threshold" else "(1 - max)^1", crf=crf, confidence=confidence, pseudo_s=round(time.time() - t0, 1),
                 pseudo_tool="wsclip.label.pseudo.make_pseudo_masks (`wsclip pseudo --bg threshold --crf --confidence`)")
@@ -104,7 +122,7 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
 
 
 def clip_es_cams(world: Path, work: Path, clip_steps: int | None) -> tuple[Path, dict]:
-    """CLIP-ES CAMs of the train split with the cached tiny CLIP (trained once into .cache/)."""
+    """CLIP-ES CAMs of the train and val splits with the cached tiny CLIP (trained once into .cache/)."""
     from wsclip.data.synth import SYNTH_BACKGROUND_WORDS
     from wsclip.label.clip_es import ClipEsConfig, make_clip_es_cams
     from wsclip.train.tiny_clip import ensure_tiny_clip
@@ -117,7 +135,8 @@ def clip_es_cams(world: Path, work: Path, clip_steps: int | None) -> tuple[Path,
     log("CLIP-ES CAMs of the train split")
     # the tiny CLIP learnt "a photo of a {}." captions; the background words are the world's
     cfg = ClipEsConfig(template="a photo of a {}.", background=tuple(SYNTH_BACKGROUND_WORDS))
-    make_clip_es_cams(clip, f"voc:{world}", work / "cams", split="train", cfg=cfg, device="cpu", num_workers=1)
+    for split, d in (("train", work / "cams"), ("val", work / "cams_val")):
+        make_clip_es_cams(clip, f"voc:{world}", d, split=split, cfg=cfg, device="cpu", num_workers=1)
     info.update(clip_es_s=round(time.time() - t0, 1), template=cfg.template, background=list(cfg.background))
     return work / "cams", info
 
@@ -185,6 +204,11 @@ def main(argv=None) -> int:
     ap.add_argument("--train", type=int, default=1000, help="train images of the world")
     ap.add_argument("--val", type=int, default=200, help="val images of the world")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=128, help="scene size in pixels (the demo's world: 128)")
+    ap.add_argument("--world", type=Path, help="an existing synthetic world (e.g. <demo out>/world): its own "
+                    "size, seed and splits replace --train/--val/--size/--seed")
+    ap.add_argument("--cam-model", type=Path, help="CAM network whose CAMs make the pseudo masks (e.g. the demo's "
+                    "runs/clims-otm-btm-reg-cbs/camnet.safetensors) instead of training a baseline here")
     ap.add_argument("--pseudo", choices=("cam", "clip-es", "degraded-gt"), default="cam")
     ap.add_argument("--clip-steps", type=int, help="tiny CLIP training steps for clip-es (default: its own)")
     ap.add_argument("--cam-steps", type=int, default=600, help="baseline CAM network training steps")
@@ -198,6 +222,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", default="0.75,1.0,1.25", help="test scales of `wsclip segment` (with flip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--quick", action="store_true", help="a tiny run to check the script works")
+    ap.add_argument("--machine", default="2-core CPU dev box", help="the machine in words, for the result file")
     ap.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/synth_seg[_<pseudo>].json)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -214,10 +239,16 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     work = args.work / args.pseudo
-    world = args.work / "world"
     t_all = time.time()
-    log(f"world: {args.train} train + {args.val} val scenes in {world}")
-    write_voc_layout(world, args.train, args.val, seed=args.seed, size=64)
+    if args.world is not None:
+        meta = json.loads((args.world / "synth.json").read_text())
+        world = args.world
+        args.train, args.val, args.size, args.seed = meta["n_train"], meta["n_val"], meta["size"], meta["seed"]
+        log(f"world: {world} ({args.train} train + {args.val} val scenes, {args.size} px)")
+    else:
+        world = args.work / f"world{args.size}"
+        log(f"world: {args.train} train + {args.val} val scenes of {args.size} px in {world}")
+        write_voc_layout(world, args.train, args.val, seed=args.seed, size=args.size)
     gt_dir = world / "SegmentationClass"
     split_train = world / "ImageSets" / "Segmentation" / "train.txt"
     split_val = world / "ImageSets" / "Segmentation" / "val.txt"
@@ -225,14 +256,16 @@ def main(argv=None) -> int:
 
     if args.pseudo == "clip-es":
         cams, clip_info = clip_es_cams(world, work, args.clip_steps)
-        info = cam_pseudo_masks(world, work, 0, not args.no_crf, args.confidence, cams, "high_res", bg="power")
+        info = cam_pseudo_masks(world, work, 0, not args.no_crf, args.confidence, cams, "high_res", bg="power",
+                                val_cams=work / "cams_val")
         info.update(source="CLIP-ES CAMs (with CAA) of the tiny CLIP", **clip_info)
     elif args.pseudo == "cam":
         info = cam_pseudo_masks(world, work, args.cam_steps, not args.no_crf, args.confidence, args.cams,
-                                args.cam_key)
+                                args.cam_key, cam_model=args.cam_model)
     else:
         info = degraded_gt_pseudo_masks(world, work)
     pseudo_miou = miou_of(work / "pseudo_argmax", gt_dir, split_train)
+    pseudo_val = miou_of(work / "pseudo_val", gt_dir, split_val) if (work / "pseudo_val").is_dir() else None
     kept_miou, kept = kept_pixels_miou(work / "pseudo", gt_dir, train_ids)
     log(f"pseudo masks on train: mIoU {100 * pseudo_miou:.1f}; CGL keeps {100 * kept:.1f}% of pixels "
         f"at mIoU {100 * kept_miou:.1f}")
@@ -253,15 +286,15 @@ def main(argv=None) -> int:
                 device="cpu", num_workers=0)
         res[split] = (miou_of(work / f"pred_{split}", gt_dir, split_file), time.time() - t0)
         log(f"network mIoU on {split}: {100 * res[split][0]:.1f}")
-    pseudo_val_note = "pseudo masks exist for train only (as in the papers: pseudo mIoU on train, network on val)"
     out = {
         "benchmark": "synth_seg",
-        "machine": "2-core CPU dev box (shared)",
+        "machine": args.machine,
         "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
         "command": "python benchmarks/synth_seg.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "world": {"train": args.train, "val": args.val, "size": 64, "seed": args.seed},
+        "world": {"train": args.train, "val": args.val, "size": args.size, "seed": args.seed, "path": str(world)},
         "pseudo": info,
         "pseudo_miou_train": pseudo_miou,
+        "pseudo_miou_val": pseudo_val,  # the same recipe on val (no CGL): what the network is read against
         "pseudo_cgl_kept_fraction": kept,
         "pseudo_cgl_kept_miou_train": kept_miou,
         "seg": {"arch": cfg.arch, "backbone": cfg.backbone, "rates": list(cfg.rates), "steps": cfg.max_steps,
@@ -270,7 +303,7 @@ def main(argv=None) -> int:
         "network_miou_val": res["val"][0],
         "network_miou_train": res["train"][0],
         "segment_s": {k: round(v[1], 1) for k, v in res.items()},
-        "note": pseudo_val_note,
+        "network_minus_pseudo_val": None if pseudo_val is None else res["val"][0] - pseudo_val,
         "this_invocation_s": round(time.time() - t_all, 1),
     }
     name = f"synth_seg{'' if args.pseudo == 'cam' else '_' + args.pseudo}.json"
@@ -278,7 +311,8 @@ def main(argv=None) -> int:
     from wsclip.io import atomic_write_json
 
     atomic_write_json(path, out)
-    log(f"pseudo {100 * pseudo_miou:.1f} (train) -> network {100 * res['val'][0]:.1f} (val), "
+    val_text = "" if pseudo_val is None else f", {100 * pseudo_val:.1f} (val)"
+    log(f"pseudo {100 * pseudo_miou:.1f} (train){val_text} -> network {100 * res['val'][0]:.1f} (val), "
         f"{100 * res['train'][0]:.1f} (train); wrote {path}")
     return 0
 
