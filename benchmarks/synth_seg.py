@@ -219,6 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--confidence", type=float, default=0.95, help="CGL: posterior below this -> 255")
     ap.add_argument("--seg-steps", type=int, help="segmentation training steps (default: the synth preset's)")
     ap.add_argument("--seg-batch", type=int, help="segmentation batch (default: the synth preset's)")
+    ap.add_argument("--seg-crop", type=int, help="segmentation training crop (default: the synth preset's)")
     ap.add_argument("--scales", default="0.75,1.0,1.25", help="test scales of `wsclip segment` (with flip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
     ap.add_argument("--quick", action="store_true", help="a tiny run to check the script works")
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
         f"at mIoU {100 * kept_miou:.1f}")
 
     seg_out = work / "seg"
-    over = {k: v for k, v in (("max_steps", args.seg_steps), ("batch_size", args.seg_batch)) if v is not None}
+    over = {k: v for k, v in (("max_steps", args.seg_steps), ("batch_size", args.seg_batch), ("crop", args.seg_crop))
+            if v is not None}
     cfg = from_preset(SegConfig, "synth", data=f"voc:{world}", pseudo=str(work / "pseudo"), out=str(seg_out),
                       device="cpu", seed=args.seed, **over)
     t0 = time.time()
