@@ -270,12 +270,11 @@ def make_pseudo_masks(
                         continue
                 with job.item(image_id, defer=pool is not None) as fields:
                     cam = read_cams(cam_dir / f"{image_id}.npz", cfg.key)
-                    if need_image:
-                        if tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
-                            raise BadFileError(
-                                f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x"
-                                f"{cam['cams'].shape[1]} but the image is {image.shape[1]}x{image.shape[0]}; "
-                                "the CAMs belong to other images")
+                    if image is not None and tuple(image.shape[:2]) != tuple(cam["cams"].shape[1:]):
+                        raise BadFileError(
+                            f"{cam_dir / (image_id + '.npz')}: maps are {cam['cams'].shape[2]}x"
+                            f"{cam['cams'].shape[1]} but the image is {image.shape[1]}x{image.shape[0]}; "
+                            "the CAMs belong to other images")
                     if edges is not None:
                         low = cam["file"].get("cam") if cfg.key == "high_res" else None  # "cam" pairs with "high_res"
                         scores = random_walk_scores(cam["cams"], edges(image_id, image), cfg, low=low, device=rw_device)
