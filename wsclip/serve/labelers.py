@@ -203,7 +203,7 @@ class Labeler:
 
         self.crf_params = resolve(CRFParams(), cfg.compat)  # the --compat official CRF image (BGR, uint8 wrap)
         self.variant: str | None = None  # PyTorch modules: the backend variant once resolved
-        self.torch_threads = torch.get_num_threads()  # a PyTorch network's (torch runs at 1 around an exported one)
+        self.torch_threads = torch.get_num_threads()  # the caller's, for a PyTorch module (see `_threads`)
 
     @property
     def num_classes(self) -> int:
@@ -251,11 +251,13 @@ class Labeler:
         return [idx[s:s + step] for s in range(0, len(idx), step)]
 
     def _threads(self):
-        """One torch thread around an exported network on the CPU (its runtime has its own pool)."""
+        """One torch thread around an exported network on the CPU (its runtime has its own pool); a PyTorch
+        module run beside it (class-score prediction) gets the caller's threads back (`torch_threads`)."""
         import contextlib
 
         from wsclip.label.backends import torch_threads
 
+        self.torch_threads = torch.get_num_threads()
         exported = getattr(self, "runner", None) is not None and self.device.type == "cpu"
         return torch_threads(1) if exported else contextlib.nullcontext()
 
