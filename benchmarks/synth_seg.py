@@ -35,7 +35,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 7  # background + the 6 synth classes
-DEMO_SCALES = (1.0, 0.5, 1.5, 2.0)  # the CAM scales of `wsclip demo` and the ablation
 
 
 def log(msg: str) -> None:
@@ -62,12 +61,13 @@ def cam_pseudo_masks(world: Path, work: Path, cam_steps: int, crf: bool, confide
 
     info: dict = {"source": "cam"}
     if cam_model is not None:
+        from wsclip.demo import DemoConfig  # the demo's and the ablation's CAM scales
         info.update(source=f"cam (the CAM network {cam_model})")
         t0 = time.time()
         log(f"multi-scale CAMs of the train and val splits with {cam_model}")
         cams, val_cams = work / "cams", work / "cams_val"
         for split, d in (("train", cams), ("val", val_cams)):
-            make_cams(cam_model, f"voc:{world}", d, split=split, scales=DEMO_SCALES, device="cpu", num_workers=0)
+            make_cams(cam_model, f"voc:{world}", d, split=split, scales=DemoConfig().scales, device="cpu", num_workers=0)
         info["cam_infer_s"] = round(time.time() - t0, 1)
     elif cams is None:
         from wsclip.config import CamConfig, from_preset
@@ -242,7 +242,12 @@ def main(argv=None) -> int:
     work = args.work / args.pseudo
     t_all = time.time()
     if args.world is not None:
-        meta = json.loads((args.world / "synth.json").read_text())
+        from wsclip.io import read_json
+
+        if not (args.world / "synth.json").is_file():
+            sys.exit(f"{args.world} is not a synthetic world (no synth.json): give the `world` folder of a demo "
+                     "or ablation run")
+        meta = read_json(args.world / "synth.json")
         world = args.world
         args.train, args.val, args.size, args.seed = meta["n_train"], meta["n_val"], meta["size"], meta["seed"]
         log(f"world: {world} ({args.train} train + {args.val} val scenes, {args.size} px)")
