@@ -115,8 +115,7 @@ class ClipGuidedConfig(TrainConfig):
     epochs: int = _f(15, "training epochs (ignored when max_steps is set)")
     sync_bn: bool = _f(True, "synchronise BatchNorm statistics across processes under DDP")
     init: str | None = _f(None, "baseline CAM checkpoint to start from (`wsclip train cam` output)")
-    freeze_bn: bool = _f(False, "keep BatchNorm statistics fixed (the papers train BN; the synth preset keeps the "
-                                "baseline's, whose random-init statistics were never estimated)")
+    freeze_bn: bool = _f(False, "keep BatchNorm statistics fixed (the papers train BN)")
     clip: str = _f("ViT-B-32", "CLIP weights: a local file, or name:tag for open_clip's registry")
     clip_precision: str = _f("fp32", "CLIP precision: fp32, fp16 or bf16")
     template: str = _f(vocab.CLIMS_TEMPLATE, "prompt template")
@@ -234,7 +233,8 @@ PRESETS: dict[type, dict[str, dict[str, Any]]] = {
         "voc-official": dict(_VOC, lr=0.1, batch_size=16, epochs=5),
         "coco-official": dict(_COCO, lr=0.1, batch_size=16, epochs=5),
         "voc-paper": dict(_VOC, lr=0.1, batch_size=16, epochs=5),
-        "synth": dict(_SYNTH, lr=0.05, batch_size=16, epochs=10),
+        # random init: BN trains (frozen, its statistics would stay at (0, 1), the features unnormalised)
+        "synth": dict(_SYNTH, lr=0.05, batch_size=16, epochs=10, freeze_bn=False),
     },
     ClimsConfig: {
         "voc-official": dict(
@@ -253,13 +253,13 @@ PRESETS: dict[type, dict[str, dict[str, Any]]] = {
             background=tuple(dict.fromkeys(w for ws in vocab.CLIMS_PAPER_VOC_BACKGROUND.values() for w in ws)),
             background_per_class={k: list(v) for k, v in vocab.CLIMS_PAPER_VOC_BACKGROUND.items()},
         ),
-        # freeze_bn: the baseline starts from random weights with frozen BN, so its statistics are still
-        # (0, 1) and batch statistics would rescale every feature its head was trained on; delta: the CLIMS
-        # paper's REG weight (the official code's 0.2 leaves the 16x16 maps spread over the background:
-        # val CAM mIoU 23.5 vs 27.7 after 150 steps from the same baseline, BENCHMARKS.md)
+        # the paper's lr and trainable BN (METHODS.md section 2): the baseline it starts from trained its BN
+        # too (random init), so BN has statistics to start from. With BN frozen at its (0, 1) init the
+        # unnormalised features let a few steps blow the CAM logits up to 1e10+ (every map saturated, no
+        # gradient left; BENCHMARKS.md). delta: the CLIMS paper's REG weight
         "synth": dict(
-            _SYNTH, lr=0.01, batch_size=16, epochs=10, alpha=10.0, beta=24.0, gamma=1.0, delta=1.15,
-            tau=0.26, text="synth", freeze_bn=True,
+            _SYNTH, lr=2.5e-4, batch_size=16, epochs=10, alpha=10.0, beta=24.0, gamma=1.0, delta=1.15,
+            tau=0.26, text="synth", freeze_bn=False,
         ),
     },
 }
