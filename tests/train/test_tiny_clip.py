@@ -102,6 +102,19 @@ def test_views_and_batch():
     assert torch.equal(x, x2) and texts == texts2 and torch.equal(pos, pos2)
 
 
+def test_more_masked_views_add_one_masked_object_view_per_scene_and_keep_the_default_key():
+    scenes = [generate_scene(0, "pretrain", i, 32) for i in range(5)]
+    _, _, one = make_views(scenes, np.random.default_rng(0))
+    x, texts, two = make_views(scenes, np.random.default_rng(0), masked_views=2)
+    assert x.shape[0] == len(texts) == len(two) == 25
+    masked = [c for c in two if c[1] is None and len(c[0]) == 1]  # a single class, no background: masked objects
+    assert len(masked) >= len([c for c in one if c[1] is None and len(c[0]) == 1]) + 5
+    for t, c in zip(texts, two):
+        assert describes(content_of_text(t), c), (t, c)
+    # the ViT's setting changes the cache key; the default leaves the keys of files cached before it alone
+    assert micro(masked_views=2).key() != micro().key() == micro(masked_views=1).key()
+
+
 def test_short_training_lowers_the_loss_and_resumes_identically(tmp_path):
     cfg = micro(checkpoint_every=3)
     torch.manual_seed(cfg.seed)

@@ -66,8 +66,7 @@ TINY_CLIP_RN_CFG: dict = {
 }
 TINY_CLIP_CFGS = {"vit": TINY_CLIP_CFG, "rn": TINY_CLIP_RN_CFG}
 
-MASKED_VIEWS = 1  # per scene: objects masked onto the mean colour in the full frame
-CROP_VIEWS = 1  # per scene: object bounding-box crops
+CROP_VIEWS = 1  # per scene: object bounding-box crops (masked views: TinyClipConfig.masked_views)
 OBJECT_TEMPLATES = ("a photo of a {}.", "a photo of {}.", "a clean origami {}.", "a picture of a {}.")
 BACKGROUND_TEMPLATES = ("a photo of {}.", "a clean origami {}.", "a picture of {}.")
 
@@ -89,6 +88,7 @@ class TinyClipConfig:
     corpus: int = 3000  # distinct pretrain scenes, drawn in turn and re-viewed (fresh masks, flips, crops)
     checkpoint_every: int = 100  # steps between resumable training states (0: never)
     arch: str = "vit"  # "vit" (CLIP-ES and CLIMS) or "rn" (CLIMS: learns objects faster)
+    masked_views: int = 1  # per scene: objects masked onto the mean colour in the full frame (what CLIMS shows)
     model_cfg: dict | None = None  # an explicit open_clip config (default: the one of `arch`)
 
     def __post_init__(self):
@@ -106,6 +106,8 @@ class TinyClipConfig:
         """Hash of everything that changes the trained weights."""
         d = asdict(self)
         d.pop("checkpoint_every")
+        if d["masked_views"] == 1:  # added after files were cached: at its default the key stays what it was
+            d.pop("masked_views")
         d["version"] = TRAIN_VERSION
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -186,10 +188,10 @@ def to_input_size(x: torch.Tensor, size: int | None) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
 
 
-def make_views(scenes, rng: np.random.Generator, out_size: int | None = None):
+def make_views(scenes, rng: np.random.Generator, out_size: int | None = None, masked_views: int = 1):
     """Views of a list of SynthScene: (pixels (N, 3, s, s) normalised, texts, contents).
 
-    Per scene: the full image, MASKED_VIEWS + CROP_VIEWS object views and one background view,
+    Per scene: the full image, `masked_views` + CROP_VIEWS object views and one background view,
     made at the scene size S and resized to `out_size` (default S).
 
     contents[i] = (frozenset of class indices, background index or None) of view i.
@@ -222,7 +224,7 @@ def make_views(scenes, rng: np.random.Generator, out_size: int | None = None):
         # and bounding-box crops (plain or masked)
         if sc.object_classes:
             n = len(sc.object_classes)
-            kinds = ["masked"] * MASKED_VIEWS + ["crop"] * CROP_VIEWS
+            kinds = ["masked"] * masked_views + ["crop"] * CROP_VIEWS
             picks = rng.choice(n, size=len(kinds), replace=n < len(kinds))
             for kind, j in zip(kinds, picks.tolist()):
                 c = sc.object_classes[j]
@@ -304,7 +306,7 @@ def build_batch(cfg: TinyClipConfig, step: int):
     scenes = [_pretrain_scene(cfg.seed, (step * cfg.batch_size + i) % cfg.corpus, cfg.size)
               for i in range(cfg.batch_size)]
     rng = np.random.default_rng([cfg.seed, 7, step])
-    x, texts, contents = make_views(scenes, rng, input_size(cfg.model_cfg))
+    x, texts, contents = make_views(scenes, rng, input_size(cfg.model_cfg), cfg.masked_views)
     # every step also contrasts against all class and background prompts
     t_obj, t_bg = rng.choice(OBJECT_TEMPLATES), rng.choice(BACKGROUND_TEMPLATES)
     extra = [t_obj.format(n) for n in SYNTH_CLASSES] + [t_bg.format(n) for n in SYNTH_BACKGROUNDS]
