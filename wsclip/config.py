@@ -259,7 +259,7 @@ PRESETS: dict[type, dict[str, dict[str, Any]]] = {
         # gradient left; BENCHMARKS.md). delta: the CLIMS paper's REG weight
         "synth": dict(
             _SYNTH, lr=2.5e-4, batch_size=16, epochs=10, alpha=10.0, beta=24.0, gamma=1.0, delta=1.15,
-            tau=0.26, text="synth", freeze_bn=False,
+            tau=0.26, text="synth",  # freeze_bn: ClipGuidedConfig's default (False)
         ),
     },
 }

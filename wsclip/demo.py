@@ -74,8 +74,8 @@ class DemoConfig:
     n_train: int = 1000
     n_val: int = 100
     clip_steps: int = 200  # the ResNet tiny CLIP CLIMS trains against
-    clip_es_steps: int = 600  # the ViT tiny CLIP CLIP-ES labels with (0 with clip_es off); see BENCHMARKS.md: at 200
-    #                           steps it gives masked objects their class 28% of the time, at 600 82%
+    clip_es_steps: int = 600  # the ViT tiny CLIP CLIP-ES labels with (0 with clip_es off); see BENCHMARKS.md: with
+    #                           one masked view, 200 steps give masked objects their class 28% of the time, 600 82%
     clip_es_lr: float = 2e-3  # the ViT learns the objects slowly at the default 1e-3
     clip_es_masked_views: int = 2  # masked-object views per scene for the ViT: 600 steps give masked objects their
     #                                class 91% of the time instead of 82% with one (BENCHMARKS.md)
